@@ -1,0 +1,32 @@
+# One venv for everything; torch is pinned to the CPU build that lies on disk (a looser pin pulls CUDA).
+PY      ?= python3.11
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
+export HF_HUB_OFFLINE=1
+export TRANSFORMERS_OFFLINE=1
+export TOKENIZERS_PARALLELISM=false
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[train,serve,dev]' torch==2.13.0
+	rm -f $(VENV)/.installed-*; touch $@
+
+demo: install
+	$(BIN)/lorakit demo
+
+test: install
+	$(BIN)/ruff check lorakit tests benchmarks
+	$(BIN)/python -m pytest -q tests
+
+bench: install
+	$(BIN)/python benchmarks/train_step.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,25 @@
+"""lorakit: LoRA fine-tuning and serving — small, exact, PEFT-compatible.
+
+    model = inject(model, LoraConfig(r=8, alpha=16))   # h = W0·x + (α/r)·B·A·x on the targets
+"""
+
+from .adapters import (
+    active_adapters,
+    combine,
+    delete_adapter,
+    disabled,
+    merge,
+    merge_and_unload,
+    set_adapter,
+    unmerge,
+)
+from .config import LoraConfig
+from .errors import AdapterFileError, AdapterNotFound, LoraConfigError, LoraError, LoraStateError
+from .inject import count_parameters, inject, parameter_table, select
+
+__all__ = [
+    "AdapterFileError", "AdapterNotFound", "LoraConfig", "LoraConfigError", "LoraError", "LoraStateError",
+    "active_adapters", "combine", "count_parameters", "delete_adapter", "disabled", "inject", "merge",
+    "merge_and_unload", "parameter_table", "select", "set_adapter", "unmerge",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,98 @@
+"""The LoRA math as functions: the delta, a memory-lean autograd for Linear, and mixed-adapter batches.
+
+Shapes: x (..., in), W (out, in), A (r, in), B (out, r); y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def delta_weight(A: Tensor, B: Tensor, scale: float) -> Tensor:
+    """ΔW = s·B·A, shape (out, in)."""
+    return (B @ A) * scale
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float,
+                dropout: float = 0.0, training: bool = False) -> Tensor:
+    """y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ with W frozen.
+
+    When W needs no gradient (the LoRA case) this runs a custom autograd function that keeps only x
+    (which the caller's graph usually holds anyway) and the r-wide x·Aᵀ, never a dropped copy of x:
+    the dropout mask is regenerated from a saved seed in backward. Without dropout it multiplies by
+    the effective weight W + s·B·A once (one big matmul instead of three) in forward and backward.
+    """
+    p = dropout if training else 0.0
+    if weight.requires_grad or not (A.requires_grad or B.requires_grad or x.requires_grad):
+        # Plain autograd: W trains too, or nothing needs a gradient (inference).
+        if not (weight.requires_grad or A.requires_grad or B.requires_grad or x.requires_grad) and p == 0:
+            return F.linear(x, torch.addmm(weight, B, A, alpha=scale), bias)
+        xd = F.dropout(x, p, training=True) if p > 0 else x
+        return F.linear(x, weight, bias) + F.linear(F.linear(xd, A), B) * scale
+    return _LeanLoraLinear.apply(x, weight, bias, A, B, scale, p)
+
+
+def _dropout_mask(seed: int, like: Tensor, p: float) -> Tensor:
+    gen = torch.Generator(device=like.device).manual_seed(seed)
+    keep = torch.empty(like.shape, device=like.device, dtype=like.dtype).bernoulli_(1.0 - p, generator=gen)
+    return keep.mul_(1.0 / (1.0 - p))
+
+
+class _LeanLoraLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, scale, p):  # noqa: D401 - autograd signature
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        seed = None
+        if p > 0:
+            seed = int(torch.randint(0, 2**62, (1,)).item())  # drawn from the global RNG: reproducible
+            xa = (x2 * _dropout_mask(seed, x2, p)) @ A.t()  # (N, r)
+            out = F.linear(x2, weight, bias)
+            out.addmm_(xa, B.t(), alpha=scale)
+        else:
+            xa = x2 @ A.t()  # (N, r), kept for B's gradient
+            out = F.linear(x2, torch.addmm(weight, B, A, alpha=scale), bias)
+        ctx.save_for_backward(x, weight, A, B, xa)
+        ctx.scale, ctx.p, ctx.seed, ctx.has_bias = scale, p, seed, bias is not None
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, A, B, xa = ctx.saved_tensors
+        s, p = ctx.scale, ctx.p
+        g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        need_x, _, need_b, need_A, need_B = ctx.needs_input_grad[:5]
+        mask = _dropout_mask(ctx.seed, x2, p) if p > 0 else None
+        gB = g @ B  # (N, r)
+        grad_x = grad_A = grad_B = grad_b = None
+        if need_A:
+            grad_A = (gB.t() @ (x2 * mask if mask is not None else x2)).mul_(s)  # (r, in)
+        if need_B:
+            grad_B = (g.t() @ xa).mul_(s)  # (out, r)
+        if need_b and ctx.has_bias:
+            grad_b = g.sum(0)
+        if need_x:
+            if mask is None:
+                grad_x = g @ torch.addmm(weight, B, A, alpha=s)
+            else:
+                grad_x = (g @ weight).addcmul_(gB @ A, mask, value=s)
+            grad_x = grad_x.view(x.shape)
+        return grad_x, None, grad_b, grad_A, grad_B, None, None
+
+
+def mixed_lora_delta(x: Tensor, adapter_ids: Tensor, As: list[Tensor], Bs: list[Tensor],
+                     scales: list[float]) -> Tensor:
+    """The LoRA delta for a batch whose rows use different adapters, in one call.
+
+    Semantics (reference):
+        out[i] = scales[k] * x[i] @ As[k].T @ Bs[k].T   where k = adapter_ids[i]; k = -1 means no adapter
+    x: (batch, ..., in); adapter_ids: (batch,) long; returns (batch, ..., out).
+    """
+    out = x.new_zeros(*x.shape[:-1], Bs[0].shape[0]) if Bs else x.new_zeros(x.shape)
+    for k, (A, B, s) in enumerate(zip(As, Bs, scales, strict=True)):
+        rows = (adapter_ids == k).nonzero(as_tuple=True)[0]
+        if rows.numel():
+            out[rows] = F.linear(F.linear(x[rows], A), B) * s
+    return out

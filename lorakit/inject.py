@@ -1,0 +1,190 @@
+"""Where LoRA goes: select target modules (a pure function), swap in LoRA layers, freeze the rest."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from torch import nn
+
+from .config import LoraConfig, matches
+from .errors import LoraConfigError
+from .layers import LoraConv, LoraEmbedding, LoraLinear, LoraModule, SavedModule
+
+# The paper's Wq, Wv per architecture (model.config.model_type).
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra", "deberta", "deberta-v2"], ["query", "value"]),
+    "distilbert": ["q_lin", "v_lin"],
+    "gpt2": ["c_attn"],
+    **dict.fromkeys(["llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "phi3"], ["q_proj", "v_proj"]),
+    **dict.fromkeys(["t5", "mt5"], ["q", "v"]),
+}
+# Fused projections whose default adapts only some output slices (GPT-2's c_attn holds q, k, v).
+DEFAULT_SLICES: dict[str, dict[str, list[bool]]] = {"gpt2": {"c_attn": [True, False, True]}}
+HEAD_NAMES = ("classifier", "score", "lm_head", "qa_outputs")
+_WRAPPER_CHILDREN = ("base_layer", "original_module", "modules_to_save")
+
+
+def _conv1d_type() -> type | None:
+    try:  # transformers is optional: only needed to recognise GPT-2's Conv1D
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Conv1D
+
+
+def layer_table() -> list[tuple[type, Callable[..., LoraModule]]]:
+    """Base layer type -> LoRA constructor(base, fan_in_fan_out, slices). One line per layer type."""
+    table: list[tuple[type, Callable[..., LoraModule]]] = [
+        (nn.Linear, lambda m, fifo, sl: LoraLinear(m, fan_in_fan_out=False, slices=sl)),
+        (nn.Embedding, lambda m, fifo, sl: LoraEmbedding(m)),
+        ((nn.Conv1d, nn.Conv2d, nn.Conv3d), lambda m, fifo, sl: LoraConv(m)),
+    ]
+    conv1d = _conv1d_type()
+    if conv1d is not None:
+        table.insert(0, (conv1d, lambda m, fifo, sl: LoraLinear(m, fan_in_fan_out=fifo is not False, slices=sl)))
+    return table
+
+
+def _is_linear(module: nn.Module) -> bool:
+    conv1d = _conv1d_type()
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def _adaptable(module: nn.Module) -> bool:
+    return isinstance(module, LoraModule) or any(isinstance(module, t) for t, _ in layer_table())
+
+
+def candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Modules LoRA could wrap, seen through existing LoRA wrappers."""
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if any(p in _WRAPPER_CHILDREN for p in parts) or not name:
+            continue
+        if _adaptable(module):
+            yield name, module
+
+
+def _head_names(model: nn.Module) -> set[str]:
+    heads = {n for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)}
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    if out is not None:
+        heads |= {n for n, m in model.named_modules() if m is out}
+    return heads
+
+
+def resolve(model: nn.Module, config: LoraConfig) -> tuple[list[str] | str, dict[str, list[bool]]]:
+    """The effective target spec and slices: the config's, or the architecture's default."""
+    if config.targets is not None:
+        return config.targets, dict(config.slices)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in DEFAULT_TARGETS:
+        raise LoraConfigError(f"targets=None but model type {model_type!r} has no default; pass targets=[...] "
+                              f"(e.g. {[n for n, _ in candidates(model)][:5]}) or 'all-linear'; defaults "
+                              f"exist for {sorted(DEFAULT_TARGETS)}")
+    return DEFAULT_TARGETS[model_type], {**DEFAULT_SLICES.get(model_type, {}), **config.slices}
+
+
+def select(model: nn.Module, config: LoraConfig) -> list[str]:
+    """The names of the modules `inject` will adapt; raises LoraConfigError listing candidates if none."""
+    spec, _ = resolve(model, config)
+    heads = _head_names(model)
+    chosen = []
+    for name, module in candidates(model):
+        base = module.base_layer if isinstance(module, LoraModule) else module
+        if spec == "all-linear":
+            hit = _is_linear(base) and name not in heads
+        else:
+            hit = matches(spec, name)
+        if hit and not matches(config.exclude, name):
+            chosen.append(name)
+    if not chosen:
+        names = [n for n, _ in candidates(model)]
+        raise LoraConfigError(f"targets={spec!r} match no module; candidates ({len(names)}): {names[:20]}"
+                              + (" ..." if len(names) > 20 else ""))
+    return chosen
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def lora_configs(model: nn.Module) -> dict[str, LoraConfig]:
+    """The configs of the adapters on `model`, by name (empty if none)."""
+    return model.__dict__.setdefault("_lorakit_configs", {})
+
+
+def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Module:
+    """Add adapter `name`: wrap each target in a LoRA layer (in place), freeze the rest, make it active.
+
+    A second call with another name adds an adapter beside the first on the same (or other) modules.
+    """
+    configs = lora_configs(model)
+    if name in configs:
+        raise LoraConfigError(f"adapter {name!r} already exists on the model; pick another name or "
+                              f"delete_adapter(model, {name!r}) first")
+    names = select(model, config)
+    _, slices = resolve(model, config)
+    saved = [n for n, m in model.named_modules()
+             if n and matches(list(config.modules_to_save), n) and not any(
+                 p in _WRAPPER_CHILDREN for p in n.split("."))]
+    missing = [m for m in config.modules_to_save if not any(matches([m], n) for n in saved)]
+    if missing:
+        raise LoraConfigError(f"modules_to_save={missing} match no module; top-level modules: "
+                              f"{[n for n, _ in model.named_children()]}")
+    for target in names:
+        module = model.get_submodule(target)
+        if not isinstance(module, LoraModule):
+            slice_spec = next((v for k, v in slices.items() if matches([k], target)), None)
+            module = _wrap(module, config.fan_in_fan_out, slice_spec)
+            _set_submodule(model, target, module)
+        module.add_adapter(name, config.rank_for(target), config.alpha_for(target), config.dropout,
+                           config.init, config.use_rslora)
+    for target in saved:
+        module = model.get_submodule(target)
+        if not isinstance(module, SavedModule):
+            module = SavedModule(module)
+            _set_submodule(model, target, module)
+        module.add_adapter(name)
+    configs[name] = config
+    from .adapters import set_adapter  # adapters builds on inject; imported late to keep one direction
+
+    set_adapter(model, name)
+    return model
+
+
+def _wrap(module: nn.Module, fan_in_fan_out: bool | None, slices: list[bool] | None) -> LoraModule:
+    for base_type, make in layer_table():
+        if isinstance(module, base_type):
+            return make(module, fan_in_fan_out, slices)
+    raise LoraConfigError(f"cannot adapt {type(module).__name__}; supported: "
+                          f"{[t.__name__ if isinstance(t, type) else t for t, _ in layer_table()]}")
+
+
+def count_parameters(model: nn.Module) -> dict[str, float]:
+    """{trainable, total, percent}: counted over every parameter, as PEFT's print_trainable_parameters."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / max(total, 1)}
+
+
+def parameter_table(model: nn.Module) -> str:
+    """A printable table: trainable values by kind (LoRA A/B, saved modules, biases, other), and totals."""
+    groups: dict[str, list[int]] = {}
+    for pname, p in model.named_parameters():
+        kind = ("LoRA A" if ".lora_A." in pname or ".lora_embedding_A." in pname else
+                "LoRA B" if ".lora_B." in pname or ".lora_embedding_B." in pname else
+                "modules_to_save" if ".modules_to_save." in pname else
+                "bias" if pname.endswith("bias") else "base weights")
+        row = groups.setdefault(kind, [0, 0, 0])
+        row[0] += 1
+        row[1] += p.numel()
+        row[2] += p.numel() if p.requires_grad else 0
+    c = count_parameters(model)
+    lines = [f"{'group':<16}{'tensors':>9}{'values':>14}{'trainable':>14}"]
+    lines += [f"{k:<16}{v[0]:>9,}{v[1]:>14,}{v[2]:>14,}" for k, v in sorted(groups.items())]
+    n_layers = sum(isinstance(m, LoraModule) for m in model.modules())
+    lines.append(f"LoRA layers: {n_layers}; trainable {c['trainable']:,} of {c['total']:,} "
+                 f"({c['percent']:.4f}%)")
+    return "\n".join(lines)
