@@ -69,7 +69,7 @@ def _refresh_trainable(model: nn.Module) -> None:
             m.base_layer.bias.requires_grad_(True)
     if "all" in modes:
         for pname, p in model.named_parameters():
-            if pname.endswith("bias") and ".lora_" not in pname:
+            if pname.endswith("bias") and ".lora_" not in pname and ".original_module." not in pname:
                 p.requires_grad_(True)
 
 

@@ -144,7 +144,7 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Mo
     for target in saved:
         module = model.get_submodule(target)
         if not isinstance(module, SavedModule):
-            module = SavedModule(module)
+            module = SavedModule(module).train(module.training)
             _set_submodule(model, target, module)
         module.add_adapter(name)
     configs[name] = config
@@ -157,7 +157,7 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Mo
 def _wrap(module: nn.Module, fan_in_fan_out: bool | None, slices: list[bool] | None) -> LoraModule:
     for base_type, make in layer_table():
         if isinstance(module, base_type):
-            return make(module, fan_in_fan_out, slices)
+            return make(module, fan_in_fan_out, slices).train(module.training)
     raise LoraConfigError(f"cannot adapt {type(module).__name__}; supported: "
                           f"{[t.__name__ if isinstance(t, type) else t for t, _ in layer_table()]}")
 

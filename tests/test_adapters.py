@@ -1,0 +1,137 @@
+"""Many adapters on one model: switching, disabling, deleting, merging, unloading, combining."""
+
+import pytest
+import torch
+
+from lorakit import (
+    AdapterNotFound,
+    LoraConfig,
+    LoraConfigError,
+    active_adapters,
+    combine,
+    delete_adapter,
+    disabled,
+    inject,
+    merge,
+    merge_and_unload,
+    set_adapter,
+    unmerge,
+)
+from lorakit.layers import LoraModule, SavedModule
+from tests.conftest import make_minilm, randomize_adapters
+
+IDS = torch.tensor([[101, 2023, 3185, 2003, 2307, 999, 102]])
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def _two_adapter_minilm():
+    model = make_minilm()
+    base = _logits(model)
+    inject(model, LoraConfig(r=4, modules_to_save=["classifier"]), "a")
+    inject(model, LoraConfig(r=2, targets=["query", "key"]), "b")
+    randomize_adapters(model, "a", seed=1)
+    randomize_adapters(model, "b", seed=2)
+    return model, base
+
+
+def test_set_active_disable_delete():
+    model, base = _two_adapter_minilm()
+    assert active_adapters(model) == ["b"]  # inject activates the newest
+    set_adapter(model, "a")
+    out_a = _logits(model)
+    set_adapter(model, "b")
+    out_b = _logits(model)
+    assert not torch.allclose(out_a, out_b)
+    with disabled(model):
+        torch.testing.assert_close(_logits(model), base, rtol=0, atol=0)
+    set_adapter(model, ["a", "b"])
+    assert active_adapters(model) == ["a", "b"]
+    with pytest.raises(AdapterNotFound, match="'c'.*a.*b"):
+        set_adapter(model, "c")
+    delete_adapter(model, "b")
+    assert active_adapters(model) == ["a"]
+    torch.testing.assert_close(_logits(model), out_a)
+    assert not any("lora_A.b" in n for n, _ in model.named_parameters())
+
+
+def test_only_active_adapter_trains():
+    model, _ = _two_adapter_minilm()
+    set_adapter(model, "a")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.endswith(".a") or ".modules_to_save.a." in n for n in trainable)
+
+
+def test_merge_unmerge_and_disabled_while_merged():
+    model, base = _two_adapter_minilm()
+    set_adapter(model, ["a", "b"])
+    both = _logits(model)
+    merge(model)
+    torch.testing.assert_close(_logits(model), both, rtol=1e-5, atol=1e-5)
+    with disabled(model):
+        torch.testing.assert_close(_logits(model), base, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_logits(model), both, rtol=1e-5, atol=1e-5)
+    unmerge(model)
+    torch.testing.assert_close(_logits(model), both, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_and_unload_is_a_plain_model_that_round_trips(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    model, _ = _two_adapter_minilm()
+    set_adapter(model, "a")
+    expected = _logits(model)
+    plain = merge_and_unload(model)
+    assert not any(isinstance(m, LoraModule | SavedModule) for m in plain.modules())
+    assert not any("lora_" in n or "base_layer" in n for n, _ in plain.named_parameters())
+    torch.testing.assert_close(_logits(plain), expected, rtol=1e-5, atol=1e-5)
+    plain.save_pretrained(tmp_path)
+    again = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(_logits(again), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_combine_cat_is_exactly_the_weighted_sum_of_deltas():
+    model, _ = _two_adapter_minilm()
+    combine(model, ["a", "b"], [0.7, -1.3], "ab", method="cat")
+    for m in model.modules():
+        if isinstance(m, LoraModule):
+            expect = sum(w * m.delta_weight(n) for n, w in (("a", 0.7), ("b", -1.3)) if n in m.adapter_names)
+            torch.testing.assert_close(m.delta_weight("ab"), expect, rtol=1e-5, atol=1e-6)
+            assert m.r["ab"] == sum(m.r[n] for n in ("a", "b") if n in m.adapter_names)
+    set_adapter(model, ["a", "b"])
+    # activating both (weights 1, 1) equals a cat combination with weights 1, 1
+    combine(model, ["a", "b"], [1.0, 1.0], "sum", method="cat")
+    both = _logits(model)
+    set_adapter(model, "sum")
+    torch.testing.assert_close(_logits(model), both, rtol=1e-5, atol=1e-5)
+
+
+def test_combine_svd_is_the_best_rank_r_approximation():
+    model, _ = _two_adapter_minilm()
+    combine(model, ["a", "b"], [1.0, 1.0], "svd2", method="svd", r=2)
+    layer = model.bert.encoder.layer[0].attention.self.query  # has both a (r=4) and b (r=2)
+    target = layer.delta_weight("a") + layer.delta_weight("b")
+    S = torch.linalg.svdvals(target)
+    err = torch.linalg.matrix_norm(layer.delta_weight("svd2") - target)
+    # Eckart–Young: the Frobenius error of the best rank-2 approximation is √(Σ_{i>2} σᵢ²)
+    torch.testing.assert_close(err, S[2:].pow(2).sum().sqrt(), rtol=1e-4, atol=1e-5)
+
+
+def test_combine_linear_matches_peft_definition_and_errors():
+    model, _ = _two_adapter_minilm()
+    inject(model, LoraConfig(r=4, alpha=4), "c")
+    randomize_adapters(model, "c", seed=3)
+    combine(model, ["a", "c"], [0.5, 2.0], "lin", method="linear")
+    layer = model.bert.encoder.layer[1].attention.self.value
+    wa, wc = (0.5 * layer.scale["a"]) ** 0.5, (2.0 * layer.scale["c"]) ** 0.5
+    torch.testing.assert_close(layer.A("lin"), wa * layer.A("a") + wc * layer.A("c"))
+    torch.testing.assert_close(layer.B("lin"), wa * layer.B("a") + wc * layer.B("c"))
+    with pytest.raises(LoraConfigError, match="equal ranks"):
+        combine(model, ["a", "b"], [1, 1], "x", method="linear")
+    with pytest.raises(LoraConfigError, match="method='avg'"):
+        combine(model, ["a", "b"], [1, 1], "x", method="avg")
+    with pytest.raises(LoraConfigError, match="2 names but 1 weights"):
+        combine(model, ["a", "b"], [1], "x", method="cat")

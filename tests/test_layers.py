@@ -1,0 +1,186 @@
+"""Every LoRA layer against the dense formula W0 + s·B·A with nonzero B, fp32 and bf16; merge round trips."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lorakit import LoraConfig, LoraStateError, inject, merge, set_adapter, unmerge
+from lorakit.layers import LoraConv, LoraEmbedding, LoraLinear
+from tests.conftest import randomize_adapters
+
+
+def _random_factors(layer, name="default", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in layer.adapter_params(name):
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * 0.2)
+
+
+def _linear_layer(fan_in_fan_out=False, slices=None, dtype=torch.float32, out=12):
+    torch.manual_seed(0)
+    base = Conv1D(out, 8) if fan_in_fan_out else nn.Linear(8, out)
+    with torch.no_grad():
+        for p in base.parameters():
+            p.normal_()
+    base = base.to(dtype).requires_grad_(False)
+    layer = LoraLinear(base, fan_in_fan_out=fan_in_fan_out, slices=slices)
+    layer.add_adapter("default", r=3, alpha=6, dropout=0.0, init="kaiming")
+    layer.active = ["default"]
+    _random_factors(layer)
+    return layer.eval()
+
+
+def _dense_linear(layer, x):
+    W = layer.base_layer.weight.float()
+    W = W.t() if layer.fan_in_fan_out else W  # (out, in)
+    A, B = layer.A("default").float(), layer.B("default").float()
+    if layer.slices is not None:  # build ΔW slice by slice, as loralib's MergedLinear defines it
+        r, size = layer.r["default"], layer.out_features // len(layer.slices)
+        delta = torch.zeros_like(W)
+        enabled = [j for j, on in enumerate(layer.slices) if on]
+        for i, j in enumerate(enabled):
+            delta[j * size:(j + 1) * size] = B[i * size:(i + 1) * size] @ A[i * r:(i + 1) * r]
+    else:
+        delta = B @ A
+    return F.linear(x.float(), W + layer.scale["default"] * delta, layer.base_layer.bias.float())
+
+
+CASES = [dict(), dict(fan_in_fan_out=True), dict(slices=[True, False, True]),
+         dict(fan_in_fan_out=True, slices=[True, False, True]), dict(slices=[False, True, False, True])]
+
+
+@pytest.mark.parametrize("kw", CASES)
+def test_linear_like_layers_equal_dense_formula_fp32(kw):
+    layer = _linear_layer(**kw)
+    x = torch.randn(4, 5, 8)
+    torch.testing.assert_close(layer(x), _dense_linear(layer, x), rtol=1e-5, atol=1e-5)
+    layer.train()
+    xg = x.clone().requires_grad_(True)
+    layer(xg).pow(2).sum().backward()
+    grads = [xg.grad] + [p.grad for p in layer.adapter_params("default")]
+    # gradients against autograd through the dense formula
+    xr = x.clone().requires_grad_(True)
+    params = [p.detach().clone().requires_grad_(True) for p in layer.adapter_params("default")]
+    _dense_linear_with(layer, xr, params).pow(2).sum().backward()
+    for a, b in zip(grads, [xr.grad] + [q.grad for q in params], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert layer.base_layer.weight.grad is None
+
+
+def _dense_linear_with(layer, x, params):
+    A, B = params
+    W = layer.base_layer.weight.t() if layer.fan_in_fan_out else layer.base_layer.weight
+    if layer.slices is None:
+        delta = B @ A
+    else:
+        r, size = layer.r["default"], layer.out_features // len(layer.slices)
+        rows = []
+        enabled = [j for j, on in enumerate(layer.slices) if on]
+        for j in range(len(layer.slices)):
+            if j in enabled:
+                i = enabled.index(j)
+                rows.append(B[i * size:(i + 1) * size] @ A[i * r:(i + 1) * r])
+            else:
+                rows.append(torch.zeros(size, W.shape[1]))
+        delta = torch.cat(rows, 0)
+    return F.linear(x, W + layer.scale["default"] * delta, layer.base_layer.bias)
+
+
+@pytest.mark.parametrize("kw", CASES[:3])
+def test_linear_layers_bf16_within_stated_tolerance(kw):
+    layer = _linear_layer(dtype=torch.bfloat16, **kw)
+    x = torch.randn(4, 5, 8)
+    ref = _dense_linear(layer, x.bfloat16())
+    # bf16 has an 8-bit mantissa; sums of 8 O(1) products: allow 2% relative, 0.1 absolute.
+    torch.testing.assert_close(layer(x.bfloat16()).float(), ref, rtol=2e-2, atol=1e-1)
+
+
+def test_embedding_equals_dense_formula():
+    torch.manual_seed(0)
+    layer = LoraEmbedding(nn.Embedding(20, 6, padding_idx=0))
+    layer.add_adapter("default", r=2, alpha=4, dropout=0.0, init="kaiming")
+    layer.active = ["default"]
+    assert torch.all(layer.A("default") == 0)  # PEFT/loralib: the zero factor of an embedding is A
+    _random_factors(layer)
+    ids = torch.tensor([[0, 3, 19], [5, 5, 1]])
+    W = layer.base_layer.weight + 2.0 * (layer.B("default") @ layer.A("default")).t()
+    torch.testing.assert_close(layer(ids), F.embedding(ids, W), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("conv, shape", [(nn.Conv1d(3, 5, 3, padding=1), (2, 3, 9)),
+                                         (nn.Conv2d(3, 5, (3, 2), stride=2, padding=1), (2, 3, 8, 7))])
+def test_conv_equals_dense_formula(conv, shape):
+    torch.manual_seed(0)
+    layer = LoraConv(conv.requires_grad_(False)).eval()
+    layer.add_adapter("default", r=2, alpha=2, dropout=0.0, init="gaussian")
+    layer.active = ["default"]
+    _random_factors(layer)
+    x = torch.randn(*shape)
+    delta = (layer.B("default").flatten(1) @ layer.A("default").flatten(1)).view(conv.weight.shape)
+    fn = F.conv1d if isinstance(conv, nn.Conv1d) else F.conv2d
+    ref = fn(x, conv.weight + delta, conv.bias, conv.stride, conv.padding, conv.dilation)
+    torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)
+    layer.merge()
+    torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_conv_is_refused_with_advice():
+    with pytest.raises(Exception, match="groups=1"):
+        LoraConv(nn.Conv2d(4, 4, 3, groups=2))
+
+
+def test_init_gives_base_output_exactly():
+    torch.manual_seed(0)
+    base = nn.Linear(8, 12)
+    layer = LoraLinear(base)
+    for init in ("kaiming", "gaussian"):
+        layer.add_adapter(init, r=4, alpha=8, dropout=0.1, init=init)
+        assert torch.all(layer.B(init) == 0) and layer.A(init).abs().sum() > 0
+    layer.active = ["kaiming", "gaussian"]
+    x = torch.randn(3, 8)
+    assert torch.equal(layer(x), base(x))
+
+
+def test_thousand_merge_unmerge_cycles_drift_below_1e6():
+    layer = _linear_layer()
+    original = layer.base_layer.weight.detach().clone()
+    for _ in range(1000):
+        layer.merge()
+        layer.unmerge()
+    assert (layer.base_layer.weight - original).abs().max().item() <= 1e-6
+
+
+def test_merge_equals_unmerged_and_training_merged_raises():
+    layer = _linear_layer(slices=[True, False, True])
+    x = torch.randn(4, 8)
+    before = layer(x)
+    layer.merge()
+    layer.merge()  # idempotent
+    torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-5)
+    layer.train()
+    with pytest.raises(LoraStateError, match="unmerge"):
+        layer(x)
+    layer.unmerge()
+    torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_several_active_adapters_sum_and_merge_their_sum():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    inject(model, LoraConfig(r=2, targets=["0", "2"]), "a")
+    inject(model, LoraConfig(r=3, alpha=3, targets=["0"]), "b")
+    randomize_adapters(model, "a", seed=1)
+    randomize_adapters(model, "b", seed=2)
+    set_adapter(model, ["a", "b"])
+    l0, l2 = model[0], model[2]
+    W0 = l0.base_layer.weight + l0.delta_weight("a") + l0.delta_weight("b")
+    x = torch.randn(5, 8)
+    ref = F.linear(torch.relu(F.linear(x, W0, l0.base_layer.bias)),
+                   l2.base_layer.weight + l2.delta_weight("a"), l2.base_layer.bias)
+    torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
+    merge(model)
+    torch.testing.assert_close(l0.base_layer.weight, W0, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
+    unmerge(model)
