@@ -5,6 +5,8 @@ Shapes: x (..., in), W (out, in), A (r, in), B (out, r); y = x·Wᵀ + b + s·(d
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -21,7 +23,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
 
     When W needs no gradient (the LoRA case) this runs a custom autograd function that keeps only x
     (which the caller's graph usually holds anyway) and the r-wide x·Aᵀ, never a dropped copy of x:
-    the dropout mask is regenerated from a saved seed in backward. Without dropout it multiplies by
+    the dropout mask is regenerated from a saved seed in backward (see `dropout_keep_mask`). Without dropout it multiplies by
     the effective weight W + s·B·A once (one big matmul instead of three) in forward and backward.
     """
     p = dropout if training else 0.0
@@ -34,27 +36,36 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
     return _LeanLoraLinear.apply(x, weight, bias, A, B, scale, p)
 
 
-def _dropout_mask(seed: int, like: Tensor, p: float) -> Tensor:
-    gen = torch.Generator(device=like.device).manual_seed(seed)
-    keep = torch.empty(like.shape, device=like.device, dtype=like.dtype).bernoulli_(1.0 - p, generator=gen)
-    return keep.mul_(1.0 / (1.0 - p))
+def dropout_keep_mask(seed: int, shape: torch.Size, p: float, device: torch.device) -> tuple[Tensor, float]:
+    """A reproducible boolean keep-mask for dropout, and the keep probability it realises.
+
+    Draws 16 random bits per element (64-bit integers viewed as four int16: ~6x faster than
+    `bernoulli_` on CPU), so keep probability is (1 - p) rounded to 1/65536; callers rescale by it.
+    """
+    gen = torch.Generator(device=device).manual_seed(seed)
+    n = math.prod(shape)
+    words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, generator=gen, device=device)
+    threshold = round((1.0 - p) * 65536) - 32768  # int16 values are uniform on [-32768, 32767]
+    keep = words.view(torch.int16)[:n].view(shape) < threshold
+    return keep, (threshold + 32768) / 65536
 
 
 class _LeanLoraLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, scale, p):  # noqa: D401 - autograd signature
+    def forward(ctx, x, weight, bias, A, B, scale, p):
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        seed = None
+        seed, keep_p = None, 1.0
         if p > 0:
             seed = int(torch.randint(0, 2**62, (1,)).item())  # drawn from the global RNG: reproducible
-            xa = (x2 * _dropout_mask(seed, x2, p)) @ A.t()  # (N, r)
+            keep, keep_p = dropout_keep_mask(seed, x2.shape, p, x2.device)
+            xa = (torch.where(keep, x2, 0.0) @ A.t()).mul_(1.0 / keep_p)  # (N, r)
             out = F.linear(x2, weight, bias)
             out.addmm_(xa, B.t(), alpha=scale)
         else:
             xa = x2 @ A.t()  # (N, r), kept for B's gradient
             out = F.linear(x2, torch.addmm(weight, B, A, alpha=scale), bias)
         ctx.save_for_backward(x, weight, A, B, xa)
-        ctx.scale, ctx.p, ctx.seed, ctx.has_bias = scale, p, seed, bias is not None
+        ctx.scale, ctx.p, ctx.keep_p, ctx.seed, ctx.has_bias = scale, p, keep_p, seed, bias is not None
         return out.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
@@ -64,20 +75,20 @@ class _LeanLoraLinear(torch.autograd.Function):
         g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         need_x, _, need_b, need_A, need_B = ctx.needs_input_grad[:5]
-        mask = _dropout_mask(ctx.seed, x2, p) if p > 0 else None
-        gB = g @ B  # (N, r)
+        keep = dropout_keep_mask(ctx.seed, x2.shape, p, x2.device)[0] if p > 0 else None
+        gB = (g @ B).mul_(s / ctx.keep_p)  # (N, r), carries s and the dropout rescale
         grad_x = grad_A = grad_B = grad_b = None
         if need_A:
-            grad_A = (gB.t() @ (x2 * mask if mask is not None else x2)).mul_(s)  # (r, in)
+            grad_A = gB.t() @ (torch.where(keep, x2, 0.0) if keep is not None else x2)  # (r, in)
         if need_B:
             grad_B = (g.t() @ xa).mul_(s)  # (out, r)
         if need_b and ctx.has_bias:
             grad_b = g.sum(0)
         if need_x:
-            if mask is None:
+            if keep is None:
                 grad_x = g @ torch.addmm(weight, B, A, alpha=s)
             else:
-                grad_x = (g @ weight).addcmul_(gB @ A, mask, value=s)
+                grad_x = torch.addmm(torch.where(keep, gB @ A, 0.0), g, weight)
             grad_x = grad_x.view(x.shape)
         return grad_x, None, grad_b, grad_A, grad_B, None, None
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lorakit.functional import delta_weight, lora_linear, mixed_lora_delta
+from lorakit.functional import delta_weight, dropout_keep_mask, lora_linear, mixed_lora_delta
 
 
 def _tensors(seed=0, n=5, seq=3, din=12, dout=10, r=4, dtype=torch.float32):
@@ -48,11 +48,11 @@ def test_dropout_path_equals_reference_with_the_same_mask():
     torch.testing.assert_close(out, again)
     no_drop = F.linear(x, W + s * B @ A, b)
     assert not torch.allclose(out, no_drop)
-    # Dense reference with an explicit mask drawn the way the function draws it.
+    # Dense reference with the mask the function draws (same seed from the global RNG).
     torch.manual_seed(123)
     seed = int(torch.randint(0, 2**62, (1,)).item())
-    gen = torch.Generator().manual_seed(seed)
-    mask = torch.empty(x.reshape(-1, x.shape[-1]).shape).bernoulli_(1 - p, generator=gen).view(x.shape) / (1 - p)
+    keep, keep_p = dropout_keep_mask(seed, torch.Size((15, 12)), p, x.device)
+    mask = keep.view(x.shape).float() / keep_p
     xr, Ar, Br = (t.clone().requires_grad_(True) for t in (x, A, B))
     ref = F.linear(xr, W, b) + s * F.linear(F.linear(xr * mask, Ar), Br)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
@@ -88,3 +88,15 @@ def test_delta_and_mixed_batch_semantics():
     for i, k in enumerate(ids.tolist()):
         expect = torch.zeros(3, 10) if k < 0 else x[i] @ ([A, A2][k].T @ [B, B2][k].T) * [1.0, 0.5][k]
         torch.testing.assert_close(out[i], expect, rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_mask_statistics():
+    keep, keep_p = dropout_keep_mask(7, torch.Size((1000, 200)), 0.1, torch.device("cpu"))
+    assert abs(keep_p - 0.9) < 1 / 65536
+    # 200k Bernoulli(0.9) draws: std of the mean is 6.7e-4; allow 5 sigma
+    assert abs(keep.float().mean().item() - keep_p) < 3.4e-3
+    again, _ = dropout_keep_mask(7, torch.Size((1000, 200)), 0.1, torch.device("cpu"))
+    other, _ = dropout_keep_mask(8, torch.Size((1000, 200)), 0.1, torch.device("cpu"))
+    assert torch.equal(keep, again) and not torch.equal(keep, other)
+    # rows are not correlated with each other: the per-column keep rates agree with the overall rate
+    assert keep.float().mean(0).std().item() < 0.03
