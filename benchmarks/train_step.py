@@ -79,12 +79,14 @@ def worker(impl: str, targets: str, r: int, dropout: float, steps: int, batch: i
 
     step()  # warm-up: allocates optimizer state and caches
     _reset_peak_rss()
-    times = []
+    times, cpu = [], []
     for _ in range(steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - t0)
-    return {"impl": impl, "targets": targets, "step_s": statistics.median(times), "peak_mb": _peak_rss_mb(),
+        cpu.append(time.process_time() - c0)
+    return {"impl": impl, "targets": targets, "step_s": statistics.median(times), "cpu_s": statistics.median(cpu),
+            "peak_mb": _peak_rss_mb(),
             "trainable": sum(p.numel() for p in params)}
 
 
@@ -123,21 +125,24 @@ def main() -> None:
                 res = run_once(impl, targets, args)
                 results.setdefault((impl, targets), []).append(res)
                 print(f"  round {rnd + 1}: {impl:8s} {targets:10s} step {res['step_s'] * 1000:8.1f} ms "
-                      f"peak {res['peak_mb']:8.0f} MB", file=sys.stderr, flush=True)
+                      f"(cpu {res['cpu_s'] * 1000:8.1f} ms) peak {res['peak_mb']:8.0f} MB", file=sys.stderr, flush=True)
     print(f"\nMiniLM seq-cls, batch {args.batch} x {args.seq} tokens, r={args.r}, dropout={args.dropout}, "
           f"{args.rounds} rounds x {args.steps} steps, torch threads={os.environ.get('BENCH_THREADS', os.cpu_count())}")
-    print(f"{'impl':10s}{'targets':12s}{'trainable':>12s}{'step ms':>10s}{'peak MB':>10s}")
+    print(f"{'impl':10s}{'targets':12s}{'trainable':>12s}{'step ms':>10s}{'cpu ms':>10s}{'peak MB':>10s}")
     med = {}
     for (impl, targets), runs in results.items():
         step = statistics.median(r["step_s"] for r in runs) * 1000
+        cpu = statistics.median(r["cpu_s"] for r in runs) * 1000
         peak = statistics.median(r["peak_mb"] for r in runs)
-        med[(impl, targets)] = (step, peak)
-        print(f"{impl:10s}{targets if impl != 'full' else '-':12s}{runs[0]['trainable']:>12,}{step:>10.1f}{peak:>10.0f}")
+        med[(impl, targets)] = (step, cpu, peak)
+        print(f"{impl:10s}{targets if impl != 'full' else '-':12s}{runs[0]['trainable']:>12,}"
+              f"{step:>10.1f}{cpu:>10.1f}{peak:>10.0f}")
     print()
     for targets in args.targets.split(","):
         if ("lorakit", targets) in med and ("peft", targets) in med:
-            (ls, lm), (ps, pm) = med[("lorakit", targets)], med[("peft", targets)]
-            print(f"{targets:10s} lorakit/PEFT: step time {ls / ps:.3f}x, peak memory {lm / pm:.3f}x")
+            (ls, lc, lm), (ps, pc, pm) = med[("lorakit", targets)], med[("peft", targets)]
+            print(f"{targets:10s} lorakit/PEFT: step time {ls / ps:.3f}x (cpu time {lc / pc:.3f}x), "
+                  f"peak memory {lm / pm:.3f}x")
 
 
 if __name__ == "__main__":
