@@ -16,10 +16,11 @@ from .adapters import (
 from .config import LoraConfig
 from .errors import AdapterFileError, AdapterNotFound, LoraConfigError, LoraError, LoraStateError
 from .inject import count_parameters, inject, parameter_table, select
+from .io import load_adapter, save_adapter
 
 __all__ = [
     "AdapterFileError", "AdapterNotFound", "LoraConfig", "LoraConfigError", "LoraError", "LoraStateError",
-    "active_adapters", "combine", "count_parameters", "delete_adapter", "disabled", "inject", "merge",
-    "merge_and_unload", "parameter_table", "select", "set_adapter", "unmerge",
+    "active_adapters", "combine", "count_parameters", "delete_adapter", "disabled", "inject", "load_adapter",
+    "merge", "merge_and_unload", "parameter_table", "save_adapter", "select", "set_adapter", "unmerge",
 ]
 __version__ = "0.1.0"

@@ -125,7 +125,7 @@ def matches(spec: list[str] | str | None, name: str) -> bool:
 def _pattern_value(pattern: dict[str, Any], name: str, default: Any) -> Any:
     # PEFT's rule: a key matches a module whose name ends in it (`(.*\.)?key$`, regex allowed).
     for key, value in pattern.items():
-        if re.match(rf"(.*\.)?{key}$", name):
+        if re.match(rf"(.*\.)?({key})$", name):
             return value
     return default
 

@@ -23,8 +23,8 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
 
     When W needs no gradient (the LoRA case) this runs a custom autograd function that keeps only x
     (which the caller's graph usually holds anyway) and the r-wide x·Aᵀ, never a dropped copy of x:
-    the dropout mask is regenerated from a saved seed in backward (see `dropout_keep_mask`). Without dropout it multiplies by
-    the effective weight W + s·B·A once (one big matmul instead of three) in forward and backward.
+    the dropout mask is regenerated from a saved seed in backward (see `dropout_keep_mask`). Without
+    dropout it multiplies by the effective weight W + s·B·A once (one matmul instead of three).
     """
     p = dropout if training else 0.0
     if weight.requires_grad or not (A.requires_grad or B.requires_grad or x.requires_grad):

@@ -91,6 +91,8 @@ def select(model: nn.Module, config: LoraConfig) -> list[str]:
     heads = _head_names(model)
     chosen = []
     for name, module in candidates(model):
+        if any(matches(list(config.modules_to_save), prefix) for prefix in _prefixes(name)):
+            continue  # inside a module trained in full (e.g. a classifier head): no LoRA there, as PEFT
         base = module.base_layer if isinstance(module, LoraModule) else module
         if spec == "all-linear":
             hit = _is_linear(base) and name not in heads
@@ -103,6 +105,11 @@ def select(model: nn.Module, config: LoraConfig) -> list[str]:
         raise LoraConfigError(f"targets={spec!r} match no module; candidates ({len(names)}): {names[:20]}"
                               + (" ..." if len(names) > 20 else ""))
     return chosen
+
+
+def _prefixes(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -113,3 +113,19 @@ def test_duplicate_adapter_name_raises():
     inject(model, LoraConfig())
     with pytest.raises(LoraConfigError, match="already exists"):
         inject(model, LoraConfig())
+
+
+def test_targets_inside_modules_to_save_are_skipped_as_in_peft():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    model = tf.RobertaForSequenceClassification(tf.RobertaConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=100))
+    names = select(model, LoraConfig(targets="all-linear", modules_to_save=["classifier"]))
+    assert names and not any(n.startswith("classifier") for n in names)
+    from peft import LoraConfig as PeftConfig
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(model, PeftConfig(target_modules="all-linear", modules_to_save=["classifier"]))
+    peft_targets = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
+    assert set(names) == peft_targets
