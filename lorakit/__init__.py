@@ -10,6 +10,7 @@ from .adapters import (
     disabled,
     merge,
     merge_and_unload,
+    per_row_adapters,
     set_adapter,
     unmerge,
 )
@@ -21,6 +22,7 @@ from .io import load_adapter, save_adapter
 __all__ = [
     "AdapterFileError", "AdapterNotFound", "LoraConfig", "LoraConfigError", "LoraError", "LoraStateError",
     "active_adapters", "combine", "count_parameters", "delete_adapter", "disabled", "inject", "load_adapter",
-    "merge", "merge_and_unload", "parameter_table", "save_adapter", "select", "set_adapter", "unmerge",
+    "merge", "merge_and_unload", "per_row_adapters", "parameter_table", "save_adapter", "select", "set_adapter",
+    "unmerge",
 ]
 __version__ = "0.1.0"

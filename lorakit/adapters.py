@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .config import LoraConfig
-from .errors import AdapterNotFound, LoraConfigError
+from .errors import AdapterNotFound, LoraConfigError, LoraStateError
 from .inject import _set_submodule, lora_configs
 from .layers import LoraLinear, LoraModule, SavedModule
 
@@ -97,6 +97,28 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
             m.disabled = False
         if was_merged:
             merge(model)
+
+
+@contextmanager
+def per_row_adapters(model: nn.Module, names: list[str | None]) -> Iterator[nn.Module]:
+    """Inside the block, row i of each batch uses adapter `names[i]` (None = the bare base), in one forward.
+
+    Semantics: model(x)[i] == (model with only names[i] active)(x[i:i+1]). Merged adapters would be
+    counted twice, so the model must be unmerged. Works on Linear LoRA layers and saved modules.
+    """
+    known = [n for n in dict.fromkeys(names) if n is not None]
+    _check_names(model, known)
+    if any(m.merged for _, m in lora_modules(model) if isinstance(m, LoraModule)):
+        raise LoraStateError("per_row_adapters needs an unmerged model; call unmerge(model) first")
+    device = next(model.parameters()).device
+    ids = torch.tensor([known.index(n) if n is not None else len(known) for n in names], device=device)
+    for _, m in lora_modules(model):
+        m.row_adapters = (known, ids)  # id len(known) means "no adapter"
+    try:
+        yield model
+    finally:
+        for _, m in lora_modules(model):
+            m.row_adapters = None
 
 
 def merge(model: nn.Module) -> nn.Module:
@@ -207,4 +229,4 @@ def _from_matrix(m: LoraModule, A: torch.Tensor, B: torch.Tensor) -> tuple[torch
 
 
 __all__ = ["LoraConfig", "active_adapters", "combine", "delete_adapter", "disabled", "lora_modules",
-           "merge", "merge_and_unload", "set_adapter", "unmerge"]
+           "merge", "merge_and_unload", "per_row_adapters", "set_adapter", "unmerge"]

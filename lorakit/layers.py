@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import LoraConfigError, LoraStateError
-from .functional import lora_linear
+from .functional import lora_linear, mixed_lora_delta
 
 
 class LoraModule(nn.Module):
@@ -34,6 +34,7 @@ class LoraModule(nn.Module):
         self.active: list[str] = []
         self.merged: list[str] = []
         self.disabled = False
+        self.row_adapters: tuple[list[str], Tensor] | None = None  # (names, per-row ids); see per_row_adapters
 
     def __getattr__(self, name: str):
         # Callers (transformers' weight tying, GPT-2's `nf`) read attributes of the wrapped layer.
@@ -122,6 +123,11 @@ class LoraModule(nn.Module):
         self._check_not_training_merged()
         return self.disabled or not self.active or bool(self.merged)
 
+    def _refuse_rows(self) -> None:
+        if self.row_adapters is not None and not self.disabled:
+            raise LoraStateError(f"per-row adapters work on Linear layers only, not {type(self.base_layer).__name__}; "
+                                 "leave embeddings and convolutions out of the targets to serve mixed batches")
+
     def unwrap(self) -> nn.Module:
         """The base layer, with whatever is merged into it."""
         return self.base_layer
@@ -177,6 +183,8 @@ class LoraLinear(LoraModule):
         return delta.t() if self.fan_in_fan_out else delta
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.row_adapters is not None and not self.disabled:
+            return self._forward_rows(x)
         if self._use_base_only():
             return self.base_layer(x)
         bias = self.base_layer.bias
@@ -190,6 +198,16 @@ class LoraLinear(LoraModule):
             xd = F.dropout(x, self.dropout[n], self.training)
             out = out + F.linear(F.linear(xd, A), B) * self.scale[n]
         return out
+
+    def _forward_rows(self, x: Tensor) -> Tensor:
+        # One batch, one adapter per row: base for all rows + each adapter's delta on its rows only.
+        names, ids = self.row_adapters
+        present = [n for n in names if n in self.adapter_names]
+        remap = torch.tensor([present.index(n) if n in present else -1 for n in names] + [-1], device=ids.device)
+        pairs = [self.dense_factors(n) for n in present]
+        delta = mixed_lora_delta(x, remap[ids], [a for a, _ in pairs], [b for _, b in pairs],
+                                 [self.scale[n] for n in present]) if present else 0
+        return self.base_layer(x) + delta
 
     def _stacked_factors(self) -> tuple[Tensor, Tensor, float]:
         # Several active adapters: Σ sᵢ·Bᵢ·Aᵢ = [s₁B₁ … sₖBₖ]·[A₁; …; Aₖ], one rank-Σr update.
@@ -221,6 +239,7 @@ class LoraEmbedding(LoraModule):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.base_layer(x)
+        self._refuse_rows()
         if self._use_base_only():
             return out
         e = self.base_layer
@@ -252,6 +271,7 @@ class LoraConv(LoraModule):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.base_layer(x)
+        self._refuse_rows()
         if self._use_base_only():
             return out
         c = self.base_layer
@@ -271,6 +291,7 @@ class SavedModule(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active: list[str] = []
         self.disabled = False
+        self.row_adapters: tuple[list[str], Tensor] | None = None
 
     def __getattr__(self, name: str):
         try:
@@ -304,7 +325,17 @@ class SavedModule(nn.Module):
         return self.original_module
 
     def forward(self, *args, **kwargs):
-        return self.current()(*args, **kwargs)
+        if self.row_adapters is None or self.disabled:
+            return self.current()(*args, **kwargs)
+        # per-row adapters: every row goes through its adapter's copy (or the original); args[0] is batch-first
+        names, ids = self.row_adapters
+        x, rest = args[0], args[1:]
+        out = self.original_module(x, *rest, **kwargs).clone()
+        for k, n in enumerate(names):
+            rows = (ids == k).nonzero(as_tuple=True)[0]
+            if rows.numel() and n in self.modules_to_save:
+                out[rows] = self.modules_to_save[n](x[rows], *rest, **kwargs)
+        return out
 
     def unwrap(self) -> nn.Module:
         return self.current()

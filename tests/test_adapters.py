@@ -135,3 +135,27 @@ def test_combine_linear_matches_peft_definition_and_errors():
         combine(model, ["a", "b"], [1, 1], "x", method="avg")
     with pytest.raises(LoraConfigError, match="2 names but 1 weights"):
         combine(model, ["a", "b"], [1], "x", method="cat")
+
+
+def test_mixed_adapter_batch_equals_each_row_alone(minilm_tokenizer):
+    from lorakit import per_row_adapters
+
+    model, base = _two_adapter_minilm()
+    batch = minilm_tokenizer(["a gripping, funny film", "dull and far too long", "fine", "not bad at all"],
+                             padding=True, return_tensors="pt")
+    rows = ["a", "b", None, "a"]
+    with torch.no_grad(), per_row_adapters(model, rows):
+        mixed = model(**batch).logits
+    for i, name in enumerate(rows):
+        one = {k: v[i:i + 1] for k, v in batch.items()}
+        with torch.no_grad():
+            if name is None:
+                with disabled(model):
+                    alone = model(**one).logits
+            else:
+                set_adapter(model, name)
+                alone = model(**one).logits
+        torch.testing.assert_close(mixed[i:i + 1], alone, rtol=1e-5, atol=1e-5)
+    merge(model)
+    with pytest.raises(Exception, match="unmerge"), per_row_adapters(model, ["a"]):
+        pass
