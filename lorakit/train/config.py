@@ -1,0 +1,161 @@
+"""TrainConfig: every knob of a training run as a plain value; `lorakit train --<field> VALUE` sets one."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from lorakit.errors import LoraConfigError
+
+METHODS = ("lora", "full", "top-k", "bitfit", "head")
+SCHEDULES = ("linear", "cosine", "constant")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class TrainConfig:
+    """One training run. The defaults are provisional: the LoRA recipe is still being tuned.
+
+    model: base model directory (Hugging Face layout); None = the bundled all-MiniLM-L6-v2.
+    task: sst2, rte, wnut17, e2e, or a generic classification, pair-classification, ner, causal-lm.
+    data: data directory holding the train and dev files; None = the task's bundled copy.
+    out: run directory (adapter/, metrics.jsonl, config.json, curves.png); None = runs/<task>-<method>.
+    method: what trains: lora, full, top-k (last top_k blocks + head), bitfit (biases + head), head.
+    targets: LoRA target modules (names, a regex, or all-linear); None = the architecture's q, v.
+    r: LoRA rank.
+    alpha: LoRA scaling numerator; the update is scaled by alpha / r.
+    dropout: dropout probability on the LoRA input path.
+    top_k: for method top-k: how many of the last transformer blocks train, beside the head.
+    extra_trainable: modules trained in full beside the head, e.g. ["pooler"].
+    lr: peak learning rate (AdamW).
+    lora_plus_ratio: LoRA+: the B matrices learn at lr * lora_plus_ratio (1 = plain LoRA).
+    epochs: passes over the training split (used when max_steps is 0).
+    max_steps: optimizer steps to run; 0 = epochs * steps per epoch.
+    batch_size: examples per forward pass, over all processes together.
+    eval_batch_size: examples per forward pass at evaluation.
+    max_length: longest tokenized sequence; longer ones are truncated.
+    warmup_ratio: fraction of the steps with a linear warmup from 0 to lr.
+    schedule: learning-rate decay after warmup: linear (to 0), cosine (to 0) or constant.
+    weight_decay: AdamW decoupled weight decay on matrices (never on biases and norm weights).
+    grad_accum: micro-batches accumulated per optimizer step.
+    max_grad_norm: clip the global gradient norm to this value; 0 = no clipping.
+    seed: seed of model init, LoRA init, dropout and batch order.
+    eval_every: evaluate on dev every N optimizer steps; 0 = at the end of each epoch.
+    checkpoint_every: write a resumable checkpoint every N optimizer steps; 0 = never.
+    resume: continue from the latest checkpoint in out/checkpoints.
+    train_limit: use only the first N training examples; 0 = all.
+    dev_limit: use only the first N dev examples; 0 = all.
+    threads: torch CPU threads per process; 0 = the cores not busy with other work, shared by local processes.
+    device: auto (cuda if available), cpu or cuda.
+    progress: show the progress bar (rank 0 only).
+    """
+
+    model: str | None = None
+    task: str = "sst2"
+    data: str | None = None
+    out: str | None = None
+    method: str = "lora"
+    targets: list[str] | str | None = None
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.1
+    top_k: int = 2
+    extra_trainable: list[str] = field(default_factory=list)
+    lr: float = 5e-4
+    lora_plus_ratio: float = 1.0
+    epochs: int = 3
+    max_steps: int = 0
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    max_length: int = 128
+    warmup_ratio: float = 0.06
+    schedule: str = "linear"
+    weight_decay: float = 0.0
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    eval_every: int = 0
+    checkpoint_every: int = 0
+    resume: bool = False
+    train_limit: int = 0
+    dev_limit: int = 0
+    threads: int = 0
+    device: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.extra_trainable = list(self.extra_trainable or [])
+        if isinstance(self.targets, tuple):
+            self.targets = list(self.targets)
+        if self.out is None:
+            self.out = str(Path("runs") / f"{self.task}-{self.method}")
+        self.validate()
+
+    def validate(self) -> None:
+        """Collect every invalid field and raise one LoraConfigError listing them all."""
+        problems = []
+        for name in ("r", "top_k", "epochs", "batch_size", "eval_batch_size", "max_length", "grad_accum"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                problems.append(f"{name}={getattr(self, name)!r}: expected an integer >= 1")
+        for name in ("max_steps", "eval_every", "checkpoint_every", "train_limit", "dev_limit", "threads", "seed"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
+                problems.append(f"{name}={getattr(self, name)!r}: expected an integer >= 0 (0 = off/default)")
+        for name in ("alpha", "lr", "lora_plus_ratio"):
+            if not _is_number(getattr(self, name)) or getattr(self, name) <= 0:
+                problems.append(f"{name}={getattr(self, name)!r}: expected a number > 0")
+        for name in ("weight_decay", "max_grad_norm"):
+            if not _is_number(getattr(self, name)) or getattr(self, name) < 0:
+                problems.append(f"{name}={getattr(self, name)!r}: expected a number >= 0")
+        for name in ("dropout", "warmup_ratio"):
+            if not _is_number(getattr(self, name)) or not 0 <= getattr(self, name) < 1:
+                problems.append(f"{name}={getattr(self, name)!r}: expected a number in [0, 1)")
+        for name, allowed in (("method", METHODS), ("schedule", SCHEDULES), ("device", DEVICES)):
+            if getattr(self, name) not in allowed:
+                problems.append(f"{name}={getattr(self, name)!r}: expected one of {', '.join(allowed)}")
+        if not isinstance(self.task, str) or not self.task:
+            problems.append(f"task={self.task!r}: expected a task name such as sst2")
+        if problems:
+            raise LoraConfigError("invalid TrainConfig:\n  - " + "\n  - ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise LoraConfigError(f"unknown TrainConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def field_help() -> dict[str, str]:
+    """{field: its one-line description} parsed from TrainConfig's docstring (the CLI's help text)."""
+    out = {}
+    for line in (TrainConfig.__doc__ or "").splitlines():
+        name, sep, text = line.strip().partition(": ")
+        if sep and name.isidentifier():
+            out[name] = text
+    return out
+
+
+# Fields that may differ between a run and its resumption (they do not change the numbers).
+RESUMABLE_CHANGES = ("resume", "progress", "out", "device", "threads")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
