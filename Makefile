@@ -6,6 +6,7 @@ STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cu
 export HF_HUB_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
+export OMP_WAIT_POLICY=PASSIVE
 
 .PHONY: install demo test lint bench clean
 
