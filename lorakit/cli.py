@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     mg = sub.add_parser("merge", help="export base + LoRA adapter merged, as a plain transformers model")
     mg.add_argument("--adapter", required=True, help="a PEFT-layout adapter directory")
     mg.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
-    mg.add_argument("--model", default=None, help="base model directory (default: the adapter's base)")
+    mg.add_argument("--base", "--model", dest="model", default=None,
+                    help="base model directory (default: the adapter's base_model_name_or_path)")
     mg.add_argument("--task", default=None, help="causal-lm, seq-cls, token-cls, ... (default: adapter's task_type)")
     ins = sub.add_parser("inspect", help="summarise an adapter directory: config, ranks, |dW| per module")
     ins.add_argument("adapter", help="a PEFT-layout adapter directory")
@@ -115,7 +116,7 @@ def _cmd_merge(args: argparse.Namespace) -> None:
 
     base = args.model or read_adapter(args.adapter).config.base_model_name_or_path
     if not base:
-        raise DataError(f"{args.adapter}: the adapter names no base model; pass --model DIR")
+        raise DataError(f"{args.adapter}: the adapter names no base model; pass --base DIR")
     print(export_merged(base, args.adapter, args.out, args.task))
 
 

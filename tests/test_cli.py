@@ -56,7 +56,8 @@ def test_train_eval_predict_merge_inspect(tmp_path, tiny_bert_dir, capsys):
     assert main(["predict", "--adapter", str(run / "adapter"), *texts]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split("\t")[1] for line in lines] == texts
-    assert main(["merge", "--adapter", str(run / "adapter"), "--out", str(tmp_path / "merged")]) == 0
+    assert main(["merge", "--base", str(tiny_bert_dir), "--adapter", str(run / "adapter"),
+                 "--out", str(tmp_path / "merged")]) == 0
     capsys.readouterr()
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
