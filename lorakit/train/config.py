@@ -28,6 +28,8 @@ class TrainConfig:
     r: LoRA rank.
     alpha: LoRA scaling numerator; the update is scaled by alpha / r.
     dropout: dropout probability on the LoRA input path.
+    bias: LoRA bias mode: none, all (every bias trains too, as BitFit), lora_only.
+    use_rslora: scale LoRA by alpha / sqrt(r) instead of alpha / r.
     top_k: for method top-k: how many of the last transformer blocks train, beside the head.
     extra_trainable: modules trained in full beside the head, e.g. ["pooler"].
     lr: peak learning rate (AdamW).
@@ -62,6 +64,8 @@ class TrainConfig:
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.1
+    bias: str = "none"
+    use_rslora: bool = False
     top_k: int = 2
     extra_trainable: list[str] = field(default_factory=list)
     lr: float = 5e-4
