@@ -106,11 +106,16 @@ class LoraConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LoraConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise LoraConfigError(f"unknown LoraConfig fields {unknown}; known fields: {sorted(known)}")
-        return cls(**data)
+        return from_plain_dict(cls, data)
+
+
+def from_plain_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Build dataclass `cls` from a dict, refusing unknown keys by name (configs read from files)."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise LoraConfigError(f"unknown {cls.__name__} fields {unknown}; known fields: {sorted(known)}")
+    return cls(**data)
 
 
 def matches(spec: list[str] | str | None, name: str) -> bool:

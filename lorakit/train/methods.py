@@ -78,8 +78,8 @@ def prepare(model: nn.Module, config: TrainConfig, kind: str, base_path: str | N
                               "is tied to the input embeddings); use lora, bitfit, top-k or full")
     if config.method == "lora":
         lora = LoraConfig(r=config.r, alpha=config.alpha, dropout=config.dropout, targets=config.targets,
-                          bias=config.bias, use_rslora=config.use_rslora, modules_to_save=heads + extra, base_model_name_or_path=base_path,
-                          task_type=PEFT_TASK_TYPES[kind])
+                          bias=config.bias, use_rslora=config.use_rslora, modules_to_save=heads + extra,
+                          base_model_name_or_path=base_path, task_type=PEFT_TASK_TYPES[kind])
         return inject(model, lora)
     for p in model.parameters():
         p.requires_grad_(config.method == "full")
