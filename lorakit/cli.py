@@ -43,11 +43,14 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """A TrainConfig from parsed `train` flags; `--targets all-linear` or a regex becomes a string spec."""
+    """A TrainConfig from parsed `train` flags; `--targets all-linear` or a regex becomes a string spec,
+    `--targets default` the architecture's q, v (None)."""
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
     targets = values["targets"]
-    if isinstance(targets, list) and len(targets) == 1 and (targets[0] == "all-linear"
-                                                            or _REGEX_CHARS.search(targets[0])):
+    if targets == ["default"]:
+        values["targets"] = None
+    elif isinstance(targets, list) and len(targets) == 1 and (targets[0] == "all-linear"
+                                                              or _REGEX_CHARS.search(targets[0])):
         values["targets"] = targets[0]
     return TrainConfig(**values)
 
@@ -136,7 +139,8 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     budget = (f"{config.epochs} epochs of batch {config.batch_size} (the default recipe)"
               if not config.max_steps else f"{config.max_steps} steps of batch {config.batch_size}, a smaller budget "
               f"than the default recipe's {config.epochs} epochs")
-    print(f"lorakit demo: LoRA (query, value; r={config.r}, alpha={config.alpha:g}) on the bundled all-MiniLM-L6-v2, "
+    print(f"lorakit demo: LoRA ({config.targets}, r={config.r}, alpha={config.alpha:g}, lr={config.lr:g}) on the "
+          "bundled all-MiniLM-L6-v2, "
           f"SST-2 (6,920 train / 872 dev sentences); {budget}.", flush=True)
     start = time.perf_counter()
     result = train(config)

@@ -129,6 +129,6 @@ def test_the_real_process_exits_2_without_a_traceback():
 def test_demo_on_a_small_budget(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--max_steps", "2", "--dev_limit", "32"]) == 0
     out = capsys.readouterr().out
-    assert "2 steps of batch 32, a smaller budget" in out and "dev accuracy" in out and "trainable (% of total)" in out
+    assert "2 steps of batch 16, a smaller budget" in out and "dev accuracy" in out and "trainable (% of total)" in out
     assert sum(("positive (" in line or "negative (" in line) for line in out.splitlines()) == 3
     assert (tmp_path / "demo" / "adapter" / "adapter_model.safetensors").is_file()

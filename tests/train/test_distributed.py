@@ -16,8 +16,8 @@ from lorakit.train.methods import trainable_state
 
 ROOT = Path(__file__).resolve().parents[2]
 # Global batch 8 (4 per rank) x grad_accum 2; no dropout anywhere, so both runs see the same function.
-SETTINGS = dict(task="sst2", train_limit=64, dev_limit=16, batch_size=8, grad_accum=2, max_steps=8, lr=5e-3,
-                dropout=0.0, eval_every=8, max_length=48, threads=1, progress=False, device="cpu")
+SETTINGS = dict(task="sst2", targets=None, train_limit=64, dev_limit=16, batch_size=8, grad_accum=2, max_steps=8,
+                lr=5e-3, dropout=0.0, eval_every=8, max_length=48, threads=1, progress=False, device="cpu")
 # Same math, other summation order (two half-batch sums + an all-reduce vs one sum), through 8 AdamW steps;
 # measured 1.2e-7.
 TOLERANCE = 1e-5

@@ -23,8 +23,8 @@ FIT = {"sst2": 0.6, "rte": 0.6, "wnut17": 0.6, "e2e": 0.9}
 
 
 def _config(tmp_path, model_dir, task="sst2", **kw):
-    base = dict(model=model_dir, task=task, out=str(tmp_path / "run"), train_limit=8, dev_limit=8, batch_size=8,
-                max_steps=15, lr=2e-2, warmup_ratio=0.0, max_length=64, threads=1, progress=False)
+    base = dict(model=model_dir, task=task, out=str(tmp_path / "run"), targets=None, train_limit=8, dev_limit=8,
+                batch_size=8, max_steps=15, lr=2e-2, warmup_ratio=0.0, max_length=64, threads=1, progress=False)
     return TrainConfig(**{**base, **kw})
 
 

@@ -39,7 +39,7 @@ def _model(tiny_bert_dir):
 
 
 def _config(tmp_path, tiny_bert_dir, method, **kw):
-    base = dict(model=tiny_bert_dir, task="sst2", out=str(tmp_path / method), method=method, r=R, top_k=1,
+    base = dict(model=tiny_bert_dir, task="sst2", out=str(tmp_path / method), method=method, targets=None, r=R, top_k=1,
                 train_limit=16, dev_limit=16, batch_size=16, max_steps=20, lr=LR[method], warmup_ratio=0.0,
                 dropout=0.0, threads=1, progress=False)
     return TrainConfig(**{**base, **kw})
