@@ -10,5 +10,5 @@ run() { local name=$1; shift; "$LK" train --no-progress --out "runs/sst2-$name" 
 run lora "$@"                                                            # the default recipe (README)
 run full    --method full   --lr 5e-5 --batch_size 32 "$@"
 run bitfit  --method bitfit --lr 1e-3 --batch_size 32 "$@"
-run head    --method head   --lr 1e-3 --batch_size 32 "$@"
+run head    --method head   --lr 1e-2 --batch_size 32 "$@"
 run lora-qv --targets query value --lr 5e-4 --batch_size 32 --dropout 0.1 "$@"   # the naive recipe
