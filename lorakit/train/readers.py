@@ -17,8 +17,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lorakit.errors import LoraError
 
-class DataError(ValueError):
+
+class DataError(LoraError, ValueError):
     """A data file is missing or malformed; the message names the file, the line and the fix."""
 
 
@@ -59,6 +61,15 @@ def _open(path: Path):
     if not path.is_file():
         raise DataError(f"{path}: file not found; check the path or the data directory.")
     return open(path, encoding="utf-8-sig", newline="")  # -sig: a BOM must not rename column 1
+
+
+def _text_lines(path: Path):
+    """(line number, line without its newline) for every non-blank line of a text file."""
+    with _open(path) as f:
+        for n, raw in enumerate(f, start=1):
+            line = raw.rstrip("\r\n")
+            if line.strip():
+                yield n, line
 
 
 def read_glue_tsv(path: str | Path) -> list[TextExample]:
@@ -108,16 +119,12 @@ def read_label_lines(path: str | Path) -> list[TextExample]:
     """Read `<label> <sentence>` lines (SST-2 `stsa.binary.*`); the label is the first space-separated token."""
     path = Path(path)
     out = []
-    with _open(path) as f:
-        for n, raw in enumerate(f, start=1):
-            line = raw.rstrip("\r\n")
-            if not line.strip():
-                continue
-            label, _, text = line.partition(" ")
-            if not label or not text.strip():
-                raise DataError(f"{path}:{n}: expected '<label> <sentence>', got {line[:60]!r}; "
-                                "put the label, one space, then the text.")
-            out.append(TextExample(text.strip(), None, label, line=n))
+    for n, line in _text_lines(path):
+        label, _, text = line.partition(" ")
+        if not label or not text.strip():
+            raise DataError(f"{path}:{n}: expected '<label> <sentence>', got {line[:60]!r}; "
+                            "put the label, one space, then the text.")
+        out.append(TextExample(text.strip(), None, label, line=n))
     return out
 
 
@@ -187,14 +194,10 @@ def read_e2e(path: str | Path) -> list[LMExample]:
     """Read E2E `MR||reference` lines (the LoRA repo's format); prompt = MR, completion = reference, stripped."""
     path = Path(path)
     out = []
-    with _open(path) as f:
-        for n, raw in enumerate(f, start=1):
-            line = raw.rstrip("\r\n")
-            if not line.strip():
-                continue
-            parts = line.split("||")
-            if len(parts) != 2 or not parts[0].strip() or not parts[1].strip():
-                raise DataError(f"{path}:{n}: expected 'MR||reference' with exactly one '||' and both sides "
-                                f"non-empty, got {line[:60]!r}.")
-            out.append(LMExample(parts[0].strip(), parts[1].strip(), line=n))
+    for n, line in _text_lines(path):
+        parts = line.split("||")
+        if len(parts) != 2 or not parts[0].strip() or not parts[1].strip():
+            raise DataError(f"{path}:{n}: expected 'MR||reference' with exactly one '||' and both sides "
+                            f"non-empty, got {line[:60]!r}.")
+        out.append(LMExample(parts[0].strip(), parts[1].strip(), line=n))
     return out
