@@ -77,7 +77,8 @@ def worker(impl: str, targets: str, r: int, dropout: float, steps: int, batch: i
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()  # warm-up: allocates optimizer state and caches
+    for _ in range(3):  # warm-up: optimizer state, caches, and the allocator's steady state
+        step()
     _reset_peak_rss()
     times, cpu = [], []
     for _ in range(steps):
