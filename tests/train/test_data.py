@@ -250,17 +250,9 @@ def test_classification_encoding_pairs(minilm_tokenizer):
 @pytest.fixture(scope="module")
 def bpe_tokenizer():
     """A GPT-2-style tokenizer (byte-level BPE, eos only, no pad) trained here on E2E lines: no download."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tests.train.conftest import bpe_tokenizer as build
 
-    lines = (bundled_data_dir("e2e") / "valid.txt").read_text(encoding="utf-8").splitlines()[:600]
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    core.train_from_iterator(lines, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>")
+    return build()
 
 
 def test_lm_labels_mask_prompt_and_padding(bpe_tokenizer):
