@@ -27,13 +27,15 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
     dropout it multiplies by the effective weight W + s·B·A once (one matmul instead of three).
     """
     p = dropout if training else 0.0
-    if weight.requires_grad or not (A.requires_grad or B.requires_grad or x.requires_grad):
-        # Plain autograd: W trains too, or nothing needs a gradient (inference).
-        if not (weight.requires_grad or A.requires_grad or B.requires_grad or x.requires_grad) and p == 0:
+    needs_grad = A.requires_grad or B.requires_grad or x.requires_grad
+    if not weight.requires_grad:
+        if needs_grad:
+            return _LeanLoraLinear.apply(x, weight, bias, A, B, scale, p)
+        if p == 0:  # inference: one matmul with the effective weight
             return F.linear(x, torch.addmm(weight, B, A, alpha=scale), bias)
-        xd = F.dropout(x, p, training=True) if p > 0 else x
-        return F.linear(x, weight, bias) + F.linear(F.linear(xd, A), B) * scale
-    return _LeanLoraLinear.apply(x, weight, bias, A, B, scale, p)
+    # Plain autograd: W trains too, or dropout without any gradient.
+    xd = F.dropout(x, p, training=True) if p > 0 else x
+    return F.linear(x, weight, bias) + F.linear(F.linear(xd, A), B) * scale
 
 
 def dropout_keep_mask(seed: int, shape: torch.Size, p: float, device: torch.device) -> tuple[Tensor, float]:
