@@ -54,14 +54,16 @@ def _adaptable(module: nn.Module) -> bool:
     return isinstance(module, LoraModule) or any(isinstance(module, t) for t, _ in layer_table())
 
 
+def model_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) for the model's own modules: the root and the insides of lorakit wrappers left out."""
+    for name, module in model.named_modules():
+        if name and not any(p in _WRAPPER_CHILDREN for p in name.split(".")):
+            yield name, module
+
+
 def candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """Modules LoRA could wrap, seen through existing LoRA wrappers."""
-    for name, module in model.named_modules():
-        parts = name.split(".")
-        if any(p in _WRAPPER_CHILDREN for p in parts) or not name:
-            continue
-        if _adaptable(module):
-            yield name, module
+    return ((name, module) for name, module in model_modules(model) if _adaptable(module))
 
 
 def _head_names(model: nn.Module) -> set[str]:
@@ -133,9 +135,7 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Mo
                               f"delete_adapter(model, {name!r}) first")
     names = select(model, config)
     _, slices = resolve(model, config)
-    saved = [n for n, m in model.named_modules()
-             if n and matches(list(config.modules_to_save), n) and not any(
-                 p in _WRAPPER_CHILDREN for p in n.split("."))]
+    saved = [n for n, _ in model_modules(model) if matches(list(config.modules_to_save), n)]
     missing = [m for m in config.modules_to_save if not any(matches([m], n) for n in saved)]
     if missing:
         raise LoraConfigError(f"modules_to_save={missing} match no module; top-level modules: "

@@ -25,7 +25,7 @@ from .adapter_file import CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterFile, read_a
 from .adapters import active_adapters, lora_modules, merge, set_adapter
 from .config import LoraConfig, matches
 from .errors import AdapterFileError, AdapterNotFound, LoraConfigError
-from .inject import _WRAPPER_CHILDREN, _conv1d_type, inject, lora_configs, resolve, select
+from .inject import _conv1d_type, inject, lora_configs, model_modules, resolve, select
 from .layers import LoraLinear, LoraModule, SavedModule
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -228,7 +228,7 @@ def _plan(model: nn.Module, adapter: AdapterFile) -> _Plan:
     src = adapter.path / WEIGHTS_NAME
     cfg = adapter.config
     # PEFT adds e.g. "score" for every SEQ_CLS adapter; keep the names that exist in this model.
-    names = [n for n, _ in model.named_modules() if n and not set(n.split(".")) & set(_WRAPPER_CHILDREN)]
+    names = [n for n, _ in model_modules(model)]
     kept = [m for m in cfg.modules_to_save if any(matches([m], n) for n in names)]
     cfg = replace(cfg, modules_to_save=kept)
     saved = [n for n in names if matches(kept, n)]
