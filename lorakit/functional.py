@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -38,17 +39,26 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
     return F.linear(x, weight, bias) + F.linear(F.linear(xd, A), B) * scale
 
 
-def dropout_keep_mask(seed: int, shape: torch.Size, p: float, device: torch.device) -> tuple[Tensor, float]:
-    """A reproducible boolean keep-mask for dropout, and the keep probability it realises.
+def dropout_keep_mask(seed: int, shape: torch.Size, p: float, device: torch.device,
+                      dtype: torch.dtype = torch.bool) -> tuple[Tensor, float]:
+    """A reproducible keep-mask for dropout (1 = keep, 0 = drop), and the keep probability it realises.
 
-    Draws 16 random bits per element (64-bit integers viewed as four int16: ~6x faster than
-    `bernoulli_` on CPU), so keep probability is (1 - p) rounded to 1/65536; callers rescale by it.
+    Uses 16 random bits per element (64-bit words viewed as four int16), so keep probability is (1 - p)
+    rounded to 1/65536; callers rescale by it. On CPU the words come from numpy's SFC64 generator, ~6x
+    faster than `bernoulli_` and ~2.5x faster than torch's CPU `randint`; elsewhere from torch's generator.
+    Pass the data's `dtype` to get the mask in it directly: multiplying by a bool mask converts it first.
+    The lean LoRA path regenerates the mask from `seed` in backward rather than storing it.
     """
-    gen = torch.Generator(device=device).manual_seed(seed)
     n = math.prod(shape)
-    words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, generator=gen, device=device)
+    n_words = (n + 3) // 4
+    if device.type == "cpu":
+        words = torch.from_numpy(np.random.SFC64(seed).random_raw(n_words).view(np.int64))
+    else:
+        gen = torch.Generator(device=device).manual_seed(seed)
+        words = torch.randint(-(2**63), 2**63 - 1, (n_words,), dtype=torch.int64, generator=gen, device=device)
     threshold = round((1.0 - p) * 65536) - 32768  # int16 values are uniform on [-32768, 32767]
-    keep = words.view(torch.int16)[:n].view(shape) < threshold
+    keep = torch.lt(words.view(torch.int16)[:n].view(shape), threshold,
+                    out=torch.empty(shape, dtype=dtype, device=device))
     return keep, (threshold + 32768) / 65536
 
 
@@ -59,8 +69,8 @@ class _LeanLoraLinear(torch.autograd.Function):
         seed, keep_p = None, 1.0
         if p > 0:
             seed = int(torch.randint(0, 2**62, (1,)).item())  # drawn from the global RNG: reproducible
-            keep, keep_p = dropout_keep_mask(seed, x2.shape, p, x2.device)
-            xa = (torch.where(keep, x2, 0.0) @ A.t()).mul_(1.0 / keep_p)  # (N, r)
+            keep, keep_p = dropout_keep_mask(seed, x2.shape, p, x2.device, x2.dtype)
+            xa = ((x2 * keep) @ A.t()).mul_(1.0 / keep_p)  # (N, r); a same-dtype mask multiplies fastest
             out = F.linear(x2, weight, bias)
             out.addmm_(xa, B.t(), alpha=scale)
         else:
@@ -77,20 +87,20 @@ class _LeanLoraLinear(torch.autograd.Function):
         g = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         need_x, _, need_b, need_A, need_B = ctx.needs_input_grad[:5]
-        keep = dropout_keep_mask(ctx.seed, x2.shape, p, x2.device)[0] if p > 0 else None
+        keep = dropout_keep_mask(ctx.seed, x2.shape, p, x2.device, x2.dtype)[0] if p > 0 else None
         gB = (g @ B).mul_(s / ctx.keep_p)  # (N, r), carries s and the dropout rescale
         grad_x = grad_A = grad_B = grad_b = None
         if need_A:
-            grad_A = gB.t() @ (torch.where(keep, x2, 0.0) if keep is not None else x2)  # (r, in)
+            grad_A = gB.t() @ (x2 * keep if keep is not None else x2)  # (r, in)
         if need_B:
-            grad_B = (g.t() @ xa).mul_(s)  # (out, r)
+            grad_B = (xa.t() @ g).mul_(s).t()  # (out, r); this operand order is ~4x faster than gᵀ·xa on CPU
         if need_b and ctx.has_bias:
             grad_b = g.sum(0)
         if need_x:
             if keep is None:
                 grad_x = g @ torch.addmm(weight, B, A, alpha=s)
             else:
-                grad_x = torch.addmm(torch.where(keep, gB @ A, 0.0), g, weight)
+                grad_x = (gB @ A).mul_(keep).addmm_(g, weight)  # in place: no copy of the N×in term
             grad_x = grad_x.view(x.shape)
         return grad_x, None, grad_b, grad_A, grad_B, None, None
 

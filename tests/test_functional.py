@@ -100,3 +100,12 @@ def test_dropout_mask_statistics():
     assert torch.equal(keep, again) and not torch.equal(keep, other)
     # rows are not correlated with each other: the per-column keep rates agree with the overall rate
     assert keep.float().mean(0).std().item() < 0.03
+
+
+def test_dropout_mask_in_the_data_dtype_is_the_same_mask():
+    shape = torch.Size((64, 48))
+    keep, keep_p = dropout_keep_mask(3, shape, 0.25, torch.device("cpu"))
+    for dtype in (torch.float32, torch.bfloat16):
+        as_dtype, p2 = dropout_keep_mask(3, shape, 0.25, torch.device("cpu"), dtype)
+        assert as_dtype.dtype == dtype and p2 == keep_p
+        assert torch.equal(as_dtype, keep.to(dtype))
