@@ -26,12 +26,21 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
     (which the caller's graph usually holds anyway) and the r-wide x·Aᵀ, never a dropped copy of x:
     the dropout mask is regenerated from a saved seed in backward (see `dropout_keep_mask`). Without
     dropout it multiplies by the effective weight W + s·B·A once (one matmul instead of three).
+    Under `torch.autocast` it computes in the autocast dtype, as a plain linear would.
     """
     p = dropout if training else 0.0
     needs_grad = A.requires_grad or B.requires_grad or x.requires_grad
     if not weight.requires_grad:
         if needs_grad:
-            return _LeanLoraLinear.apply(x, weight, bias, A, B, scale, p)
+            device_type = x.device.type
+            if not torch.is_autocast_enabled(device_type):
+                return _LeanLoraLinear.apply(x, weight, bias, A, B, scale, p)
+            # Mixed precision: cast as autocast would cast a linear, then run the function with autocast
+            # off so backward sees one dtype; the casts are recorded, so A and B get gradients in their own dtype.
+            dt = torch.get_autocast_dtype(device_type)
+            with torch.autocast(device_type, enabled=False):
+                return _LeanLoraLinear.apply(x.to(dt), weight.to(dt), None if bias is None else bias.to(dt),
+                                             A.to(dt), B.to(dt), scale, p)
         if p == 0:  # inference: one matmul with the effective weight
             return F.linear(x, torch.addmm(weight, B, A, alpha=scale), bias)
     # Plain autograd: W trains too, or dropout without any gradient.

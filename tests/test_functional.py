@@ -4,7 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lorakit import LoraConfig, inject
 from lorakit.functional import delta_weight, dropout_keep_mask, lora_linear, mixed_lora_delta
+from tests.conftest import make_tiny, randomize_adapters, tiny_inputs
 
 
 def _tensors(seed=0, n=5, seq=3, din=12, dout=10, r=4, dtype=torch.float32):
@@ -109,3 +111,53 @@ def test_dropout_mask_in_the_data_dtype_is_the_same_mask():
         as_dtype, p2 = dropout_keep_mask(3, shape, 0.25, torch.device("cpu"), dtype)
         assert as_dtype.dtype == dtype and p2 == keep_p
         assert torch.equal(as_dtype, keep.to(dtype))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_autocast_bf16_matches_plain_autograd_under_autocast(p):
+    # Reference: the dense formula through plain autograd in the same autocast region, with the mask the
+    # function draws; A and B keep fp32 gradients, as with any parameter under autocast.
+    x, W, b, A, B = _tensors(seed=3, n=8, seq=16, din=64, dout=48, r=8)
+    s = 0.5
+    ours = [t.clone().requires_grad_(True) for t in (x, A, B)]
+    refs = [t.clone().requires_grad_(True) for t in (x, A, B)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.manual_seed(5)
+        out = lora_linear(ours[0], W, b, ours[1], ours[2], s, dropout=p, training=True)
+        torch.manual_seed(5)
+        mask = torch.ones(x.shape)
+        if p > 0:
+            keep, keep_p = dropout_keep_mask(int(torch.randint(0, 2**62, (1,)).item()), torch.Size((128, 64)), p,
+                                             x.device)
+            mask = keep.view(x.shape).float() / keep_p
+        ref = F.linear(refs[0], W, b) + F.linear(F.linear(refs[0] * mask, refs[1]), refs[2]) * s
+    assert out.dtype == ref.dtype == torch.bfloat16
+    # bf16 rounds each side differently (merged W + sBA vs three products): compare in norm, to bf16 precision
+    assert (out.float() - ref.float()).norm() / ref.float().norm() < 1e-2
+    g = torch.randn(out.shape)
+    out.float().backward(g)
+    ref.float().backward(g)
+    for a, r in zip(ours, refs, strict=True):
+        assert a.grad.dtype == torch.float32
+        rel = (a.grad - r.grad).norm() / r.grad.norm()
+        assert rel < 2e-2, rel
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_gradient_checkpointing_gives_the_same_gradients(p):
+    # transformers' gradient checkpointing re-runs each layer's forward in backward; the LoRA gradients
+    # must equal those of the plain run (with dropout, the recomputation must draw the same masks).
+    grads = []
+    for checkpointing in (False, True):
+        model = inject(make_tiny("llama"), LoraConfig(r=4, dropout=p, targets="all-linear"))
+        randomize_adapters(model)
+        model.train()
+        if checkpointing:
+            model.activation_checkpointing_enable()  # non-reentrant; makes the embeddings' output require grad
+        torch.manual_seed(11)
+        inputs = tiny_inputs("llama")
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+        grads.append({n: q.grad.clone() for n, q in model.named_parameters() if q.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6, msg=n)

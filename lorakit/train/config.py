@@ -14,6 +14,7 @@ from lorakit.errors import LoraConfigError
 METHODS = ("lora", "full", "top-k", "bitfit", "head")
 SCHEDULES = ("linear", "cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -54,6 +55,8 @@ class TrainConfig:
     dev_limit: use only the first N dev examples; 0 = all.
     threads: torch CPU threads per process; 0 = the cores not busy with other work, shared by local processes.
     device: auto (cuda if available), cpu or cuda.
+    precision: fp32, or bf16 (the training forward under torch.autocast; weights, gradients and optimizer stay fp32).
+    gradient_checkpointing: recompute each block's activations in backward instead of keeping them (less memory).
     progress: show the progress bar (rank 0 only).
     """
 
@@ -90,6 +93,8 @@ class TrainConfig:
     dev_limit: int = 0
     threads: int = 0
     device: str = "auto"
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -118,7 +123,8 @@ class TrainConfig:
         for name in ("dropout", "warmup_ratio"):
             if not _is_number(getattr(self, name)) or not 0 <= getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)!r}: expected a number in [0, 1)")
-        for name, allowed in (("method", METHODS), ("schedule", SCHEDULES), ("device", DEVICES)):
+        for name, allowed in (("method", METHODS), ("schedule", SCHEDULES), ("device", DEVICES),
+                              ("precision", PRECISIONS)):
             if getattr(self, name) not in allowed:
                 problems.append(f"{name}={getattr(self, name)!r}: expected one of {', '.join(allowed)}")
         if not isinstance(self.task, str) or not self.task:
@@ -152,7 +158,7 @@ def field_help() -> dict[str, str]:
 
 
 # Fields that may differ between a run and its resumption (they do not change the numbers).
-RESUMABLE_CHANGES = ("resume", "progress", "out", "device", "threads")
+RESUMABLE_CHANGES = ("resume", "progress", "out", "device", "threads", "gradient_checkpointing")
 
 
 def _is_int(v: Any) -> bool:

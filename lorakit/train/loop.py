@@ -147,6 +147,8 @@ def setup(config: TrainConfig, ctx: distributed.Context, model: nn.Module | None
         model.config.pad_token_id = pad_id  # GPT-2 classification finds each row's last token by it
     base = model_path or getattr(model.config, "name_or_path", None) or None
     prepare(model, config, data.kind, base)
+    if config.gradient_checkpointing:
+        _enable_checkpointing(model)
     model.to(ctx.device).train()
     optimizer = torch.optim.AdamW(param_groups(model, config), lr=config.lr, weight_decay=config.weight_decay)
     n_batches = len(_batches(config, ctx, train_items, epoch=0))
@@ -164,6 +166,16 @@ def setup(config: TrainConfig, ctx: distributed.Context, model: nn.Module | None
             "method": config.method, "max_length": config.max_length}
     return Run(config, ctx, data.kind, data.labels, info, tokenizer, model, train_items, dev_items, pad_id,
                optimizer, scheduler, steps_per_epoch, total, resume_from)
+
+
+def _enable_checkpointing(model: nn.Module) -> None:
+    """transformers' activation checkpointing (non-reentrant; inputs made to require grad, so a frozen
+    embedding still passes gradients to the LoRA layers above it)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is None or not getattr(model, "supports_gradient_checkpointing", False):
+        raise LoraConfigError(f"gradient_checkpointing=True: {type(model).__name__} does not support activation "
+                              "checkpointing; set gradient_checkpointing to False")
+    enable()
 
 
 def _check_given_model(model: nn.Module, kind: str, labels: list[str], tokenizer_source) -> None:
@@ -268,8 +280,9 @@ def _optimizer_step(run: Run, net: nn.Module, group: list[list[int]]) -> tuple[f
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1
         with nullcontext() if last or not ctx.distributed else net.no_sync():  # all-reduce once per step
-            logits = net(**model_inputs(batch, kind)).logits
-            loss = loss_sum(kind, logits, batch["labels"]) / max(n_targets, 1)
+            with torch.autocast(ctx.device.type, torch.bfloat16, enabled=run.config.precision == "bf16"):
+                logits = net(**model_inputs(batch, kind)).logits
+            loss = loss_sum(kind, logits, batch["labels"]) / max(n_targets, 1)  # in fp32
             (loss * ctx.world).backward()  # DDP averages over ranks; × world makes it the global sum
         total += float(loss.detach())
     params = [p for g in run.optimizer.param_groups for p in g["params"]]

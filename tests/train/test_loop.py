@@ -12,7 +12,7 @@ from lorakit.train import distributed
 from lorakit.train.config import TrainConfig
 from lorakit.train.data import DataError, collate, encode, load_task, pad_token_id
 from lorakit.train.inference import evaluate_adapter, predict_texts
-from lorakit.train.loop import _optimizer_step, auto_threads, lr_factor, setup, train
+from lorakit.train.loop import _enable_checkpointing, _optimizer_step, auto_threads, lr_factor, setup, train
 from lorakit.train.report import read_metrics
 from lorakit.train.tasks import count_targets, load_model, load_tokenizer, loss_sum, model_inputs
 
@@ -87,6 +87,37 @@ def test_micro_batches_give_the_gradient_of_the_global_batch(tmp_path, tiny_bert
     torch.testing.assert_close(deltas[1], ref, rtol=1e-5, atol=1e-7)
 
 
+def _sgd_step_delta(config) -> torch.Tensor:
+    """The change of every trainable value after one SGD step at lr 1 on examples 0..7: minus the gradient."""
+    run = setup(config, distributed.Context())
+    params = [p for g in run.optimizer.param_groups for p in g["params"]]
+    run.optimizer = torch.optim.SGD(params, lr=1.0)
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, lambda step: 1.0)
+    before = [p.detach().clone() for p in params]
+    _optimizer_step(run, run.model, [list(range(8))])
+    return torch.cat([(b - p.detach()).flatten() for b, p in zip(before, params, strict=True)])
+
+
+def test_gradient_checkpointing_and_bf16_give_the_plain_gradient(tmp_path, tiny_bert_dir):
+    # The model's own dropout is on (train mode): checkpointing must replay the same masks.
+    base = dict(max_grad_norm=0.0, targets="all-linear", dropout=0.1)
+    plain = _sgd_step_delta(_config(tmp_path / "a", tiny_bert_dir, **base))
+    assert plain.abs().max() > 1e-3
+    checkpointed = _sgd_step_delta(_config(tmp_path / "b", tiny_bert_dir, gradient_checkpointing=True, **base))
+    torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-7)
+    bf16 = _sgd_step_delta(_config(tmp_path / "c", tiny_bert_dir, precision="bf16", **base))
+    assert bf16.dtype == torch.float32
+    assert (bf16 - plain).norm() / plain.norm() < 3e-2  # bf16 keeps ~3 significant digits
+    with pytest.raises(LoraConfigError, match="Linear does not support activation checkpointing"):
+        _enable_checkpointing(torch.nn.Linear(2, 2))
+
+
+def test_bf16_with_checkpointing_trains(tmp_path, tiny_bert_dir):
+    train(_config(tmp_path, tiny_bert_dir, precision="bf16", gradient_checkpointing=True))
+    losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["split"] == "train"]
+    assert losses[-1] < FIT["sst2"] * losses[0], losses
+
+
 def test_schedule_warmup_then_decay(tmp_path, tiny_bert_dir):
     warm = [(s + 1) / 2 for s in range(2)]
     assert [lr_factor(s, 2, 8, "linear") for s in range(8)] == pytest.approx(warm + [1 - k / 6 for k in range(6)])
@@ -148,8 +179,9 @@ def test_bad_input_fails_before_training(tmp_path, tiny_bert_dir, case):
 
 def test_config_errors_are_collected():
     with pytest.raises(LoraError) as err:
-        TrainConfig(r=0, lr=-1.0, method="lorax", schedule="step", dropout=1.0)
-    for needle in ["r=0", "lr=-1.0", "method='lorax'", "schedule='step'", "dropout=1.0"]:
+        TrainConfig(r=0, lr=-1.0, method="lorax", schedule="step", dropout=1.0, precision="fp16")
+    for needle in ["r=0", "lr=-1.0", "method='lorax'", "schedule='step'", "dropout=1.0",
+                   "precision='fp16': expected one of fp32, bf16"]:
         assert needle in str(err.value)
 
 
