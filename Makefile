@@ -27,7 +27,8 @@ test: install
 	$(BIN)/python -m pytest -q tests
 
 bench: install
-	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/train_step.py --dropout 0.0
+	$(BIN)/python benchmarks/train_step.py --dropout 0.1
 
 clean:
 	rm -rf $(VENV) .pytest_cache

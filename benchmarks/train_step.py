@@ -3,9 +3,9 @@
 Each measurement runs in a fresh process (so peak memory is that run's alone); implementations
 alternate round by round and the report takes medians. Sequence classification, batch 32, 128 tokens, r=8.
 
-    python benchmarks/train_step.py                 # q,v and all-linear, 3 rounds
-    python benchmarks/train_step.py --rounds 5 --steps 8
-    python benchmarks/train_step.py --impls lorakit,peft,floor --targets qv   # with the zero-cost bound
+    python benchmarks/train_step.py                 # q,v and all-linear, LoRA dropout 0.1, 3 rounds
+    python benchmarks/train_step.py --dropout 0.0 --rounds 5
+    python benchmarks/train_step.py --impls lorakit,peft --targets qv
 
 `floor` is the frozen model with gradients routed exactly where LoRA on the targets needs them but no LoRA
 work at all: the step time no LoRA implementation can beat.
@@ -147,7 +147,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--targets", default="qv,all-linear")
-    ap.add_argument("--impls", default="lorakit,peft,full")
+    ap.add_argument("--impls", default="lorakit,peft,floor,full")
     ap.add_argument("--r", type=int, default=8)
     ap.add_argument("--dropout", type=float, default=0.1)
     ap.add_argument("--steps", type=int, default=6)
