@@ -170,7 +170,7 @@ def combine(model: nn.Module, names: list[str], weights: list[float], new_name: 
     for lname, m in lora_modules(model):
         if isinstance(m, LoraModule) and any(n in m.adapter_names for n in names):
             A, B = _combined_factors(m, names, weights, method, r)
-            new_r = A.shape[0]
+            new_r = A.shape[0] // (sum(m.slices) if isinstance(m, LoraLinear) and m.slices is not None else 1)
             m.add_adapter(new_name, new_r, float(new_r), 0.0, "kaiming")  # alpha = r: scale 1
             with torch.no_grad():
                 m.A(new_name).copy_(A)
@@ -192,23 +192,37 @@ def combine(model: nn.Module, names: list[str], weights: list[float], new_name: 
 def _combined_factors(m: LoraModule, names: list[str], weights: list[float], method: str,
                       r: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     present = [(n, w) for n, w in zip(names, weights, strict=True) if n in m.adapter_names]
-    if isinstance(m, LoraLinear) and m.slices is not None:
-        raise LoraConfigError("combine: fused per-slice layers (e.g. GPT-2's default c_attn q,v slices) "
-                              "cannot be combined yet; adapt the whole module (targets=['c_attn']) instead")
+    rank = r or max(m.r[n] for n, _ in present)
     with torch.no_grad():
-        if method == "cat":
-            A = torch.cat([m.A(n) for n, _ in present], 0)
-            B = torch.cat([m.B(n) * (w * m.scale[n]) for n, w in present], 1)
-            return A, B
-        if method == "linear":
-            A = sum(m.A(n) * math.sqrt(abs(w * m.scale[n])) for n, w in present)
-            B = sum(m.B(n) * (math.copysign(1, w) * math.sqrt(abs(w * m.scale[n]))) for n, w in present)
-            return A, B
-        delta = sum(_as_matrix(m, m.delta_weight(n)) * w for n, w in present).float()
-        rank = r or max(m.r[n] for n, _ in present)
-        U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
-        B, A = U[:, :rank] * S[:rank], Vh[:rank]
-        return _from_matrix(m, A, B)
+        if isinstance(m, LoraLinear) and m.slices is not None:
+            # Per-slice factors are blocks (slice i: rows i·r… of A, rows i·size… of B), each its own
+            # low-rank update: combine block by block and stack the results the same way.
+            size = m.out_features // len(m.slices)
+            blocks = [_combine([(m.A(n)[i * m.r[n]:(i + 1) * m.r[n]], m.B(n)[i * size:(i + 1) * size], m.scale[n], w)
+                                for n, w in present], method, rank) for i in range(sum(m.slices))]
+            return torch.cat([a for a, _ in blocks], 0), torch.cat([b for _, b in blocks], 0)
+        if method == "svd":  # in the layer's (out, in)-like matrix layout, then back to its factor shapes
+            delta = sum(_as_matrix(m, m.delta_weight(n)) * w for n, w in present).float()
+            return _from_matrix(m, *_truncated_svd(delta, rank))
+        return _combine([(m.A(n), m.B(n), m.scale[n], w) for n, w in present], method, rank)
+
+
+def _combine(factors: list[tuple[torch.Tensor, torch.Tensor, float, float]], method: str,
+             rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) at scale 1 from [(Aᵢ, Bᵢ, sᵢ, wᵢ)], each ΔWᵢ = sᵢ·Bᵢ·Aᵢ (see `combine` for the methods)."""
+    if method == "cat":
+        return torch.cat([A for A, _, _, _ in factors], 0), torch.cat([B * (w * s) for _, B, s, w in factors], 1)
+    if method == "linear":
+        A = sum(A * math.sqrt(abs(w * s)) for A, _, s, w in factors)
+        B = sum(B * (math.copysign(1, w) * math.sqrt(abs(w * s))) for _, B, s, w in factors)
+        return A, B
+    return _truncated_svd(sum((B @ A) * (w * s) for A, B, s, w in factors).float(), rank)
+
+
+def _truncated_svd(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) with B·A the best rank-`rank` approximation of `delta` (Eckart–Young)."""
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+    return Vh[:rank], U[:, :rank] * S[:rank]
 
 
 def _as_matrix(m: LoraModule, delta: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from lorakit import (
     unmerge,
 )
 from lorakit.layers import LoraModule, SavedModule
-from tests.conftest import make_minilm, randomize_adapters
+from tests.conftest import make_minilm, make_tiny, randomize_adapters
 
 IDS = torch.tensor([[101, 2023, 3185, 2003, 2307, 999, 102]])
 
@@ -118,6 +118,41 @@ def test_combine_svd_is_the_best_rank_r_approximation():
     err = torch.linalg.matrix_norm(layer.delta_weight("svd2") - target)
     # Eckart–Young: the Frobenius error of the best rank-2 approximation is √(Σ_{i>2} σᵢ²)
     torch.testing.assert_close(err, S[2:].pow(2).sum().sqrt(), rtol=1e-4, atol=1e-5)
+
+
+def _two_adapter_gpt2():
+    """Tiny GPT-2 with its default per-slice c_attn (q and v slices of the fused qkv) under two adapters."""
+    model = make_tiny("gpt2")
+    inject(model, LoraConfig(r=4, alpha=8), "a")
+    inject(model, LoraConfig(r=2, alpha=6), "b")
+    randomize_adapters(model, "a", seed=1)
+    randomize_adapters(model, "b", seed=2)
+    return model, model.transformer.h[1].attn.c_attn
+
+
+def test_combine_per_slice_layers_cat_and_svd():
+    # ΔW of a per-slice layer is block-structured: rows of the k slice are 0, q and v rows each a low-rank block.
+    model, layer = _two_adapter_gpt2()
+    combine(model, ["a", "b"], [0.7, -1.3], "cat", method="cat")
+    target = 0.7 * layer.delta_weight("a") - 1.3 * layer.delta_weight("b")  # Conv1D layout: (in, out)
+    torch.testing.assert_close(layer.delta_weight("cat"), target, rtol=1e-5, atol=1e-6)
+    assert layer.r["cat"] == 6 and layer.A("cat").shape == (12, 32)  # rank 4 + 2 in each of the 2 slices
+    combine(model, ["a", "b"], [0.7, -1.3], "svd", method="svd", r=2)
+    size = layer.out_features // 3
+    for i in (0, 2):  # q and v: each block is its best rank-2 approximation (Eckart–Young)
+        block = target[:, i * size:(i + 1) * size]
+        err = torch.linalg.matrix_norm(layer.delta_weight("svd")[:, i * size:(i + 1) * size] - block)
+        torch.testing.assert_close(err, torch.linalg.svdvals(block)[2:].pow(2).sum().sqrt(), rtol=1e-4, atol=1e-6)
+    assert torch.count_nonzero(layer.delta_weight("svd")[:, size:2 * size]) == 0  # k stays untouched
+    inject(model, LoraConfig(r=4, alpha=4), "c")
+    randomize_adapters(model, "c", seed=3)
+    combine(model, ["a", "c"], [0.5, 2.0], "lin", method="linear")
+    wa, wc = (0.5 * layer.scale["a"]) ** 0.5, (2.0 * layer.scale["c"]) ** 0.5
+    for i in (0, 1):  # per slice: (Σ√(wᵢsᵢ)Bᵢ)(Σ√(wᵢsᵢ)Aᵢ), PEFT's linear rule on each block
+        A = wa * layer.A("a")[4 * i:4 * (i + 1)] + wc * layer.A("c")[4 * i:4 * (i + 1)]
+        B = wa * layer.B("a")[32 * i:32 * (i + 1)] + wc * layer.B("c")[32 * i:32 * (i + 1)]
+        col = (0, 2)[i] * size
+        torch.testing.assert_close(layer.delta_weight("lin")[:, col:col + size], (B @ A).t(), rtol=1e-5, atol=1e-6)
 
 
 def test_combine_linear_matches_peft_definition_and_errors():

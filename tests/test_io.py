@@ -232,6 +232,24 @@ def test_combined_adapter_round_trips_through_peft(tmp_path):
         save_adapter(ours, tmp_path / "b", "nope")
 
 
+def test_combined_per_slice_gpt2_adapter_loads_in_peft(tmp_path):
+    def two():
+        model = make_tiny("gpt2")
+        for name, r, seed in (("a", 4, 1), ("b", 2, 2)):
+            inject(model, LoraConfig(r=r, alpha=2 * r), name)
+            randomize_adapters(model, name, seed=seed)
+        return model
+
+    ours = two()
+    combine(ours, ["a", "b"], [0.6, 0.9], "ab", method="cat")
+    set_adapter(ours, "ab")
+    expected = _out(ours, tiny_inputs("gpt2"))
+    set_adapter(ours, ["a", "b"])  # weights 1, 1 differ from 0.6, 0.9: the combination is not the plain sum
+    assert not torch.allclose(_out(ours, tiny_inputs("gpt2")), expected, atol=1e-4)
+    set_adapter(ours, "ab")
+    _to_peft(lambda: make_tiny("gpt2"), ours, tmp_path / "ab", tiny_inputs("gpt2"), name="ab")
+
+
 def test_peft_embedding_base_weights_are_refused_unless_left_out(tmp_path):
     config = PeftConfig(r=2, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False)
     _peft_saved(lambda: make_tiny("llama"), config, tmp_path / "a")  # PEFT adds the full embedding matrices here
