@@ -20,7 +20,7 @@ PRECISIONS = ("fp32", "bf16")
 @dataclass
 class TrainConfig:
     """One training run. The defaults are lorakit's LoRA recipe for small encoders (README, "The recipe"):
-    all-linear targets, r=16, alpha=32, no dropout, lr 5e-4, batch 16, 3 epochs, 6% warmup, linear decay.
+    all-linear targets, r=8, alpha=16, no dropout, lr 1e-3, batch 16, 3 epochs, 6% warmup, linear decay.
 
     model: base model directory (Hugging Face layout); None = the bundled all-MiniLM-L6-v2.
     task: sst2, rte, wnut17, e2e, or a generic classification, pair-classification, ner, causal-lm.
@@ -66,14 +66,14 @@ class TrainConfig:
     out: str | None = None
     method: str = "lora"
     targets: list[str] | str | None = "all-linear"
-    r: int = 16
-    alpha: float = 32.0
+    r: int = 8
+    alpha: float = 16.0
     dropout: float = 0.0
     bias: str = "none"
     use_rslora: bool = False
     top_k: int = 2
     extra_trainable: list[str] = field(default_factory=list)
-    lr: float = 5e-4
+    lr: float = 1e-3
     lora_plus_ratio: float = 1.0
     epochs: int = 3
     max_steps: int = 0

@@ -101,7 +101,7 @@ def test_resume_refuses_changed_settings_and_fresh_runs_refuse_old_checkpoints(t
     config = TrainConfig(model=tiny_bert_dir, out=str(tmp_path), lr=1e-3)
     _save(tmp_path, 3, config, 1.0)
     changed = TrainConfig(model=tiny_bert_dir, out=str(tmp_path), lr=2e-3, r=4, resume=True, progress=False)
-    with pytest.raises(LoraConfigError, match=r"differ.*r: checkpoint 16, now 4; lr: checkpoint 0.001, now 0.002"):
+    with pytest.raises(LoraConfigError, match=r"differ.*r: checkpoint 8, now 4; lr: checkpoint 0.001, now 0.002"):
         checkpoint.load(checkpoint.latest(tmp_path), changed)
     with pytest.raises(LoraConfigError, match="holds a checkpoint .*step-00000003.* pass --resume"):
         train(TrainConfig(model=tiny_bert_dir, out=str(tmp_path), progress=False))
