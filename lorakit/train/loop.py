@@ -38,10 +38,11 @@ from lorakit.train.tasks import (
     check_model_dir,
     count_targets,
     default_model_path,
-    evaluate,
+    eval_parts,
     load_model,
     load_tokenizer,
     loss_sum,
+    metrics_from_parts,
     model_inputs,
 )
 
@@ -298,12 +299,14 @@ def _optimizer_step(run: Run, net: nn.Module, group: list[list[int]]) -> tuple[f
 def _evaluate(run: Run, prog: checkpoint.Progress, best_state: dict | None, metrics_path: Path) -> dict | None:
     """Dev metrics now; keep a copy of the trainable tensors if they are the best so far.
 
-    Every rank evaluates the whole dev split (their models are identical), so all agree on the best
-    without communicating; rank 0 alone writes the row.
+    Each rank evaluates every world-th dev example; the parts are gathered in rank order, so every rank
+    computes the same metrics and agrees on the best; rank 0 alone writes the row.
     """
-    cfg = run.config
-    metrics = evaluate(run.model, run.kind, run.dev_items, run.labels, cfg.eval_batch_size, run.pad_id,
-                       run.ctx.device)
+    cfg, ctx = run.config, run.ctx
+    shard = run.dev_items[ctx.rank::ctx.world]
+    parts = distributed.gather(eval_parts(run.model, run.kind, shard, cfg.eval_batch_size, run.pad_id, ctx.device),
+                               ctx)
+    metrics = metrics_from_parts(run.kind, run.labels, parts)
     if run.ctx.is_main:
         report.append_metrics(metrics_path, {"split": "dev", "step": prog.step, "epoch": prog.epoch, **metrics})
     name, higher = PRIMARY_METRIC[run.kind]

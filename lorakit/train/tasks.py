@@ -124,9 +124,12 @@ def loss_sum(kind: str, logits: Tensor, labels: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, kind: str, items: list[dict], labels: list[str], batch_size: int, pad_id: int,
-             device: torch.device | str = "cpu") -> dict[str, float]:
-    """Dev metrics: loss always; accuracy + MCC (classification); entity P/R/F1 (NER); perplexity (LM)."""
+def eval_parts(model: nn.Module, kind: str, items: list[dict], batch_size: int, pad_id: int,
+               device: torch.device | str = "cpu") -> dict:
+    """What the dev metrics are computed from, for `items`: loss sum, target count, predictions and golds.
+
+    Parts of disjoint shards combine exactly (`metrics_from_parts`), so processes can split the dev set.
+    """
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -141,7 +144,16 @@ def evaluate(model: nn.Module, kind: str, items: list[dict], labels: list[str], 
             preds += logits.argmax(-1).tolist()
             golds += batch["labels"].tolist()
     model.train(was_training)
-    out = {"loss": total / max(count, 1)}
+    return {"loss_sum": total, "count": count, "preds": preds, "golds": golds}
+
+
+def metrics_from_parts(kind: str, labels: list[str], parts: list[dict]) -> dict[str, float]:
+    """Dev metrics from the parts of one or more shards: loss always; accuracy + MCC (classification);
+    entity P/R/F1 (NER); perplexity (LM)."""
+    count = sum(p["count"] for p in parts)
+    out = {"loss": sum(p["loss_sum"] for p in parts) / max(count, 1)}
+    preds = [x for p in parts for x in p["preds"]]
+    golds = [x for p in parts for x in p["golds"]]
     if kind == "classification":
         out |= {"accuracy": accuracy(preds, golds), "mcc": matthews_corr(preds, golds)}
     elif kind == "token_classification":
@@ -149,6 +161,12 @@ def evaluate(model: nn.Module, kind: str, items: list[dict], labels: list[str], 
     else:
         out["perplexity"] = math.exp(min(out["loss"], 50.0))
     return out
+
+
+def evaluate(model: nn.Module, kind: str, items: list[dict], labels: list[str], batch_size: int, pad_id: int,
+             device: torch.device | str = "cpu") -> dict[str, float]:
+    """Dev metrics over `items` in this process (see `metrics_from_parts`)."""
+    return metrics_from_parts(kind, labels, [eval_parts(model, kind, items, batch_size, pad_id, device)])
 
 
 def parse_text(kind: str, text: str, pairs: bool):

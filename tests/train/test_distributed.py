@@ -7,12 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from lorakit.train.config import TrainConfig
 from lorakit.train.loop import train
 from lorakit.train.methods import trainable_state
+from lorakit.train.report import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 # Global batch 8 (4 per rank) x grad_accum 2; no dropout anywhere, so both runs see the same function.
@@ -42,6 +44,11 @@ def test_two_processes_match_one(tmp_path, tiny_bert_dir):
     assert (tmp_path / "ddp" / "adapter" / "adapter_model.safetensors").is_file()  # written by rank 0
 
     single = trainable_state(train(TrainConfig(model=tiny_bert_dir, out=str(tmp_path / "one"), **SETTINGS)).model)
+    # Dev metrics: each rank evaluated half the dev split; the gathered parts give the single process's numbers.
+    dev = [[r for r in read_metrics(tmp_path / d / "metrics.jsonl") if r["split"] == "dev"] for d in ("ddp", "one")]
+    assert len(dev[0]) == len(dev[1]) == 1
+    assert dev[0][0]["accuracy"] == dev[1][0]["accuracy"]
+    assert dev[0][0]["loss"] == pytest.approx(dev[1][0]["loss"], rel=1e-5)
     assert sorted(single) == sorted(ranks[0])
     worst = max(float((single[k] - ranks[0][k]).abs().max()) for k in single)
     print(f"max |single - ddp| = {worst:.3g}")

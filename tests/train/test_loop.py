@@ -14,7 +14,16 @@ from lorakit.train.data import DataError, collate, encode, load_task, pad_token_
 from lorakit.train.inference import evaluate_adapter, predict_texts
 from lorakit.train.loop import _enable_checkpointing, _optimizer_step, auto_threads, lr_factor, setup, train
 from lorakit.train.report import read_metrics
-from lorakit.train.tasks import count_targets, load_model, load_tokenizer, loss_sum, model_inputs
+from lorakit.train.tasks import (
+    count_targets,
+    eval_parts,
+    evaluate,
+    load_model,
+    load_tokenizer,
+    loss_sum,
+    metrics_from_parts,
+    model_inputs,
+)
 
 METRIC = {"sst2": "accuracy", "rte": "accuracy", "wnut17": "f1", "e2e": "loss"}
 # Loss after 15 steps on one repeated batch of 8, relative to the first: a tiny random GPT-2 memorises 8 E2E
@@ -63,6 +72,20 @@ def test_loss_equals_transformers_own_loss(tiny_bert_dir, tiny_gpt2_dir, task):
         ours = loss_sum(data.kind, model(**model_inputs(batch, data.kind)).logits, batch["labels"])
         ref = model(**model_inputs(batch, data.kind), labels=batch["labels"]).loss  # HF's mean (shifted for LM)
     assert float(ours) / count_targets(data.kind, batch["labels"]) == pytest.approx(float(ref), rel=1e-5)
+
+
+@pytest.mark.parametrize("task", ["sst2", "wnut17", "e2e"])
+def test_dev_metrics_from_shards_equal_the_whole_split(tiny_bert_dir, tiny_gpt2_dir, task):
+    # What DDP evaluation does: each of 3 ranks takes every 3rd example; the parts combine to the same metrics.
+    model_dir = tiny_gpt2_dir if task == "e2e" else tiny_bert_dir
+    data, tok = load_task(task), load_tokenizer(model_dir)
+    model = load_model(model_dir, data.kind, data.labels)
+    items = encode(data.dev[:20], data.kind, tok, data.labels, 128)
+    whole = evaluate(model, data.kind, items, data.labels, 8, pad_token_id(tok))
+    parts = [eval_parts(model, data.kind, items[k::3], 8, pad_token_id(tok)) for k in range(3)]
+    sharded = metrics_from_parts(data.kind, data.labels, parts)
+    assert sharded.keys() == whole.keys() and len(whole) > 1
+    assert sharded == pytest.approx(whole, rel=1e-5, abs=1e-7)
 
 
 def test_micro_batches_give_the_gradient_of_the_global_batch(tmp_path, tiny_bert_dir):
