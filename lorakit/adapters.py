@@ -169,8 +169,7 @@ def combine(model: nn.Module, names: list[str], weights: list[float], new_name: 
     ranks: dict[str, int] = {}
     for lname, m in lora_modules(model):
         if isinstance(m, LoraModule) and any(n in m.adapter_names for n in names):
-            A, B = _combined_factors(m, names, weights, method, r)
-            new_r = A.shape[0] // (sum(m.slices) if isinstance(m, LoraLinear) and m.slices is not None else 1)
+            A, B, new_r = _combined_factors(m, names, weights, method, r)
             m.add_adapter(new_name, new_r, float(new_r), 0.0, "kaiming")  # alpha = r: scale 1
             with torch.no_grad():
                 m.A(new_name).copy_(A)
@@ -190,21 +189,23 @@ def combine(model: nn.Module, names: list[str], weights: list[float], new_name: 
 
 
 def _combined_factors(m: LoraModule, names: list[str], weights: list[float], method: str,
-                      r: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+                      r: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The new adapter's (A, B) in the layer's layout, and its rank (per slice for a per-slice layer)."""
     present = [(n, w) for n, w in zip(names, weights, strict=True) if n in m.adapter_names]
     rank = r or max(m.r[n] for n, _ in present)
     with torch.no_grad():
         if isinstance(m, LoraLinear) and m.slices is not None:
-            # Per-slice factors are blocks (slice i: rows i·r… of A, rows i·size… of B), each its own
-            # low-rank update: combine block by block and stack the results the same way.
-            size = m.out_features // len(m.slices)
-            blocks = [_combine([(m.A(n)[i * m.r[n]:(i + 1) * m.r[n]], m.B(n)[i * size:(i + 1) * size], m.scale[n], w)
-                                for n, w in present], method, rank) for i in range(sum(m.slices))]
-            return torch.cat([a for a, _ in blocks], 0), torch.cat([b for _, b in blocks], 0)
+            # Each enabled slice is its own low-rank update: combine slice by slice, then stack the same way.
+            per_name = [(m.slice_factors(n), m.scale[n], w) for n, w in present]
+            blocks = [_combine([(fs[i][0], fs[i][1], s, w) for fs, s, w in per_name], method, rank)
+                      for i in range(sum(m.slices))]
+            return torch.cat([a for a, _ in blocks], 0), torch.cat([b for _, b in blocks], 0), blocks[0][0].shape[0]
         if method == "svd":  # in the layer's (out, in)-like matrix layout, then back to its factor shapes
             delta = sum(_as_matrix(m, m.delta_weight(n)) * w for n, w in present).float()
-            return _from_matrix(m, *_truncated_svd(delta, rank))
-        return _combine([(m.A(n), m.B(n), m.scale[n], w) for n, w in present], method, rank)
+            A, B = _from_matrix(m, *_truncated_svd(delta, rank))
+        else:
+            A, B = _combine([(m.A(n), m.B(n), m.scale[n], w) for n, w in present], method, rank)
+        return A, B, A.shape[0]
 
 
 def _combine(factors: list[tuple[torch.Tensor, torch.Tensor, float, float]], method: str,

@@ -166,6 +166,12 @@ class LoraLinear(LoraModule):
         w = self.base_layer.weight
         return w.t() if self.fan_in_fan_out else w
 
+    def slice_factors(self, name: str) -> list[tuple[Tensor, Tensor]]:
+        """Per enabled output slice, its own (Aᵢ (r, in), Bᵢ (out/n, r)): views into the stacked A and B."""
+        A, B = self.A(name), self.B(name)
+        r, size = self.r[name], self.out_features // len(self.slices)
+        return [(A[i * r:(i + 1) * r], B[i * size:(i + 1) * size]) for i in range(sum(self.slices))]
+
     def dense_factors(self, name: str) -> tuple[Tensor, Tensor]:
         """(A, B) with ΔW = scale·B·A as plain (r', in) and (out, r'); fused slices become block-sparse B."""
         A, B = self.A(name), self.B(name)
@@ -173,8 +179,9 @@ class LoraLinear(LoraModule):
             return A, B
         r, size = self.r[name], self.out_features // len(self.slices)
         full = B.new_zeros(self.out_features, A.shape[0])  # (out, r·k)
-        for i, j in enumerate(j for j, on in enumerate(self.slices) if on):
-            full[j * size:(j + 1) * size, i * r:(i + 1) * r] = B[i * size:(i + 1) * size]
+        on = [j for j, enabled in enumerate(self.slices) if enabled]
+        for i, (j, (_, Bi)) in enumerate(zip(on, self.slice_factors(name), strict=True)):
+            full[j * size:(j + 1) * size, i * r:(i + 1) * r] = Bi
         return A, full
 
     def delta_weight(self, name: str) -> Tensor:

@@ -307,7 +307,7 @@ def _evaluate(run: Run, prog: checkpoint.Progress, best_state: dict | None, metr
     parts = distributed.gather(eval_parts(run.model, run.kind, shard, cfg.eval_batch_size, run.pad_id, ctx.device),
                                ctx)
     metrics = metrics_from_parts(run.kind, run.labels, parts)
-    if run.ctx.is_main:
+    if ctx.is_main:
         report.append_metrics(metrics_path, {"split": "dev", "step": prog.step, "epoch": prog.epoch, **metrics})
     name, higher = PRIMARY_METRIC[run.kind]
     old = prog.best_metrics.get(name)

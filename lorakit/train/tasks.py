@@ -214,4 +214,5 @@ def predict(model: nn.Module, tokenizer, kind: str, labels: list[str], texts: li
 
 
 __all__ = ["KINDS", "PEFT_TASK_TYPES", "PRIMARY_METRIC", "check_model_dir", "count_targets", "default_model_path",
-           "evaluate", "load_model", "load_tokenizer", "loss_sum", "model_inputs", "parse_text", "predict"]
+           "eval_parts", "evaluate", "load_model", "load_tokenizer", "loss_sum", "metrics_from_parts", "model_inputs",
+           "parse_text", "predict"]
