@@ -19,6 +19,14 @@ def _tensors(seed=0, n=5, seq=3, din=12, dout=10, r=4, dtype=torch.float32):
     return x, W, b, A, B
 
 
+def _drawn_mask(global_seed: int, x: torch.Tensor, p: float) -> torch.Tensor:
+    """The rescaled dropout mask lora_linear draws for x right after torch.manual_seed(global_seed)."""
+    torch.manual_seed(global_seed)
+    seed = int(torch.randint(0, 2**62, (1,)).item())
+    keep, keep_p = dropout_keep_mask(seed, torch.Size((x.numel() // x.shape[-1], x.shape[-1])), p, x.device)
+    return keep.view(x.shape).float() / keep_p
+
+
 @pytest.mark.parametrize("train_bias", [False, True])
 def test_forward_and_grads_equal_dense_reference(train_bias):
     x, W, b, A, B = _tensors()
@@ -51,10 +59,7 @@ def test_dropout_path_equals_reference_with_the_same_mask():
     no_drop = F.linear(x, W + s * B @ A, b)
     assert not torch.allclose(out, no_drop)
     # Dense reference with the mask the function draws (same seed from the global RNG).
-    torch.manual_seed(123)
-    seed = int(torch.randint(0, 2**62, (1,)).item())
-    keep, keep_p = dropout_keep_mask(seed, torch.Size((15, 12)), p, x.device)
-    mask = keep.view(x.shape).float() / keep_p
+    mask = _drawn_mask(123, x, p)
     xr, Ar, Br = (t.clone().requires_grad_(True) for t in (x, A, B))
     ref = F.linear(xr, W, b) + s * F.linear(F.linear(xr * mask, Ar), Br)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
@@ -124,12 +129,7 @@ def test_autocast_bf16_matches_plain_autograd_under_autocast(p):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         torch.manual_seed(5)
         out = lora_linear(ours[0], W, b, ours[1], ours[2], s, dropout=p, training=True)
-        torch.manual_seed(5)
-        mask = torch.ones(x.shape)
-        if p > 0:
-            keep, keep_p = dropout_keep_mask(int(torch.randint(0, 2**62, (1,)).item()), torch.Size((128, 64)), p,
-                                             x.device)
-            mask = keep.view(x.shape).float() / keep_p
+        mask = _drawn_mask(5, x, p) if p > 0 else torch.ones(x.shape)
         ref = F.linear(refs[0], W, b) + F.linear(F.linear(refs[0] * mask, refs[1]), refs[2]) * s
     assert out.dtype == ref.dtype == torch.bfloat16
     # bf16 rounds each side differently (merged W + sBA vs three products): compare in norm, to bf16 precision
