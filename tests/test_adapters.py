@@ -7,6 +7,7 @@ from lorakit import (
     AdapterNotFound,
     LoraConfig,
     LoraConfigError,
+    LoraStateError,
     active_adapters,
     combine,
     delete_adapter,
@@ -168,7 +169,7 @@ def test_combine_linear_matches_peft_definition_and_errors():
         combine(model, ["a", "b"], [1, 1], "x", method="linear")
     with pytest.raises(LoraConfigError, match="method='avg'"):
         combine(model, ["a", "b"], [1, 1], "x", method="avg")
-    with pytest.raises(LoraConfigError, match="2 names but 1 weights"):
+    with pytest.raises(LoraConfigError, match=r"2 names but weights \[1\]"):
         combine(model, ["a", "b"], [1], "x", method="cat")
 
 
@@ -192,5 +193,5 @@ def test_mixed_adapter_batch_equals_each_row_alone(minilm_tokenizer):
                 alone = model(**one).logits
         torch.testing.assert_close(mixed[i:i + 1], alone, rtol=1e-5, atol=1e-5)
     merge(model)
-    with pytest.raises(Exception, match="unmerge"), per_row_adapters(model, ["a"]):
+    with pytest.raises(LoraStateError, match="unmerge"), per_row_adapters(model, ["a"]):
         pass

@@ -23,7 +23,7 @@ from lorakit import (
     save_adapter,
 )
 from lorakit.adapters import set_adapter
-from lorakit.inject import lora_configs
+from lorakit.injection import lora_configs
 from lorakit.io import adapter_dir, check_adapter_name
 from tests.conftest import make_minilm, make_tiny, randomize_adapters, tiny_inputs
 
@@ -56,7 +56,7 @@ def toy_with_adapter(config=TOY_CONFIG, name="default", seed=0):
     inject(model, config, name)
     randomize_adapters(model, name, std=0.3, seed=seed)
     with torch.no_grad():
-        for p in model.head.modules_to_save[name].parameters():
+        for p in model.head.copy(name).parameters():
             p.add_(0.1 * (seed + 1))
     return model
 
@@ -102,7 +102,7 @@ def test_lorakit_minilm_loads_in_peft(tmp_path, minilm_tokenizer):
                             task_type="SEQ_CLS"))
     randomize_adapters(ours, std=0.05)
     with torch.no_grad():
-        ours.classifier.modules_to_save["default"].weight.add_(0.1)
+        ours.classifier.copy("default").weight.add_(0.1)
     inputs = dict(minilm_tokenizer(["a gripping, funny film", "dull"], padding=True, return_tensors="pt"))
     cfg = _to_peft(make_minilm, ours, tmp_path / "a", inputs)
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 8 and cfg["use_rslora"] is True
@@ -194,7 +194,7 @@ def test_peft_minilm_loads_in_lorakit(tmp_path, minilm_tokenizer):
     config = PeftConfig(r=2, target_modules=["dense"], modules_to_save=["pooler", "classifier"],
                         init_lora_weights=False)  # PEFT leaves pooler.dense, inside a saved module, alone
     ours = _from_peft(make_minilm, config, tmp_path / "inside", inputs)
-    assert not hasattr(ours.bert.pooler.modules_to_save["default"].dense, "lora_A")
+    assert not hasattr(ours.bert.pooler.copy("default").dense, "lora_A")
     for bias in ("all", "lora_only"):
         config = PeftConfig(r=2, lora_alpha=4, target_modules=["key", "dense"], bias=bias, task_type="SEQ_CLS",
                             init_lora_weights="gaussian")
