@@ -1,7 +1,7 @@
 """Many adapters on one model: activate, delete, disable, merge / unmerge / unload, per-row batches.
 
 Every verb is all or nothing (see transaction.py): it checks, builds, then swaps in, and a failure leaves
-the model as it was. `combine` lives in combine.py.
+the model as it was. `combine` lives in combination.py.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .combine import combine
+from .combination import combine
 from .config import LoraConfig
 from .errors import LoraConfigError, LoraStateError
 from .injection import (

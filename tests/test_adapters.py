@@ -195,3 +195,63 @@ def test_mixed_adapter_batch_equals_each_row_alone(minilm_tokenizer):
     merge(model)
     with pytest.raises(LoraStateError, match="unmerge"), per_row_adapters(model, ["a"]):
         pass
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_implicit_unmerges_restore_weights_bit_for_bit(dtype, tmp_path):
+    from lorakit import load_adapter, save_adapter
+
+    model = make_tiny("llama").to(dtype)
+    inject(model, LoraConfig(r=4, targets="all-linear"), "a")
+    inject(model, LoraConfig(r=2), "b")
+    randomize_adapters(model, "a", seed=1)
+    randomize_adapters(model, "b", seed=2)
+    save_adapter(model, tmp_path / "b", "b")
+    original = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
+    set_adapter(model, ["a", "b"])
+    for _ in range(20):  # merge; then set_adapter, disabled() and load_adapter each unmerge or re-merge
+        merge(model)
+        with disabled(model):
+            pass
+        set_adapter(model, "a")
+        merge(model)
+        set_adapter(model, ["a", "b"])
+    merge(model)
+    load_adapter(model, tmp_path / "b", "b2")  # added beside a merged pair, the merge stays
+    unmerge(model)
+    now = model.state_dict()
+    assert all(torch.equal(now[k], v) for k, v in original.items())
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_tied_embeddings_merge_unmerge_and_unload_keep_outputs(kind, tmp_path):
+    import transformers as tf
+
+    from tests.conftest import tiny_inputs
+
+    if kind == "gpt2":
+        model, targets = make_tiny("gpt2"), ["c_attn", "wte"]
+    else:
+        torch.manual_seed(0)
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
+                                                   tie_word_embeddings=True)).eval()
+        targets = ["q_proj", "v_proj", "embed_tokens"]
+    head = model.get_output_embeddings()
+    assert head.weight is model.get_input_embeddings().weight  # tied
+    inject(model, LoraConfig(r=4, targets=targets))
+    randomize_adapters(model, std=0.5)
+    inputs = tiny_inputs(kind)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        merge(model)
+        torch.testing.assert_close(model(**inputs).logits, expected, rtol=1e-5, atol=1e-5)
+        unmerge(model)
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+        assert head.weight is model.get_input_embeddings().weight  # tied again
+        plain = merge_and_unload(model)
+        torch.testing.assert_close(plain(**inputs).logits, expected, rtol=1e-5, atol=1e-5)
+        plain.save_pretrained(tmp_path)
+        again = type(plain).from_pretrained(tmp_path).eval()
+        torch.testing.assert_close(again(**inputs).logits, expected, rtol=1e-5, atol=1e-5)

@@ -25,7 +25,8 @@ from lorakit import (
 from lorakit.adapters import set_adapter
 from lorakit.injection import lora_configs
 from lorakit.io import adapter_dir, check_adapter_name
-from tests.conftest import make_minilm, make_tiny, randomize_adapters, tiny_inputs
+from tests.conftest import assert_unchanged as conftest_unchanged
+from tests.conftest import make_minilm, make_tiny, model_state, randomize_adapters, tiny_inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:peft.*", "ignore::FutureWarning")
 
@@ -62,16 +63,12 @@ def toy_with_adapter(config=TOY_CONFIG, name="default", seed=0):
 
 
 def snapshot(model):
-    return repr(model), {k: v.clone() for k, v in model.state_dict().items()}, dict(lora_configs(model))
+    return model_state(model)
 
 
 def assert_unchanged(model, snap):
-    text, state, configs = snap
-    assert repr(model) == text and dict(lora_configs(model)) == configs
-    now = model.state_dict()
-    assert now.keys() == state.keys()
-    for k, v in state.items():
-        assert torch.equal(now[k], v), k
+    """The full check of tests/conftest.py: modules, state_dict, configs, active/merged, requires_grad, modes."""
+    conftest_unchanged(snap, model)
 
 
 def _out(model, inputs):
