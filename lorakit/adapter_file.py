@@ -149,8 +149,11 @@ def from_peft_dict(data: Any, source: str | Path = CONFIG_NAME) -> LoraConfig:
     kwargs["modules_to_save"] = list(dict.fromkeys(kwargs.get("modules_to_save") or ()))
     try:
         return LoraConfig(**kwargs)
-    except LoraConfigError as e:
-        raise AdapterFileError(f"{source}: {e}") from None
+    except LoraConfigError as e:  # name PEFT's field, not LoraConfig's: "alpha=-1: ..." -> "field 'lora_alpha': -1: ..."
+        peft_key = {name: key for key, (name, _, _) in FIELDS.items()}
+        lines = [re.sub(r"^(\s*- )?(\w+)(\[[^\]]*\])?=", lambda m: f"{m[1] or ''}field '{peft_key.get(m[2], m[2])}"
+                        f"{m[3] or ''}': ", line) for line in str(e).splitlines()]
+        raise AdapterFileError(f"{source}: " + "\n".join(lines)) from None
 
 
 def to_peft_dict(config: LoraConfig, target_modules: list[str] | str, ranks: dict[str, int],

@@ -15,8 +15,10 @@ from lorakit import (
     AdapterFileError,
     AdapterNotFound,
     LoraConfig,
+    LoraConfigError,
     active_adapters,
     combine,
+    delete_adapter,
     inject,
     load_adapter,
     merge,
@@ -154,7 +156,7 @@ def test_save_dtype_and_bad_dtype(tmp_path):
     back = Toy().eval()
     load_adapter(back, tmp_path / "bf16")
     torch.testing.assert_close(_out(back, TOY_IDS), _out(ours, TOY_IDS), rtol=2e-2, atol=2e-2)
-    with pytest.raises(Exception, match="dtype='int8'"):
+    with pytest.raises(LoraConfigError, match="dtype='int8'"):
         save_adapter(ours, tmp_path / "x", dtype="int8")
 
 
@@ -284,6 +286,26 @@ def test_bad_adapter_names(tmp_path, name):
 
 def test_good_adapter_names(tmp_path):
     assert adapter_dir(tmp_path, "sst2-r8.v1_x") == tmp_path / "sst2-r8.v1_x"
+
+
+def test_names_with_dots_work_everywhere(tmp_path):
+    # '.' is refused by torch in parameter names; the layers key it as "%2E" and files never carry the name.
+    saved = toy_with_adapter(name="sst2-r8.v1", seed=3)
+    assert "sst2-r8.v1: r=4, scale=0.75" in repr(saved.lin)  # rank_pattern gives lin r=4
+    save_adapter(saved, tmp_path / "sst2-r8.v1", "sst2-r8.v1")
+    keys = safetensors.torch.load_file(tmp_path / "sst2-r8.v1" / "adapter_model.safetensors").keys()
+    assert "base_model.model.lin.lora_A.weight" in keys and not any("v1" in k or "%2E" in k for k in keys)
+    model = toy_with_adapter(seed=1)  # "default" is taken, so the directory's name is used
+    assert load_adapter(model, tmp_path / "sst2-r8.v1") == "sst2-r8.v1"
+    assert "sst2-r8.v1" in repr(model) and lora_configs(model).keys() == {"default", "sst2-r8.v1"}
+    set_adapter(model, "sst2-r8.v1")
+    torch.testing.assert_close(_out(model, TOY_IDS), _out(saved, TOY_IDS))
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        n for n in dict(model.named_parameters()) if "sst2-r8%2Ev1" in n}
+    combine(model, ["default", "sst2-r8.v1"], [1.0, 1.0], "sum.1", method="cat")
+    delete_adapter(model, "sst2-r8.v1")
+    assert not any("%2E" in n and "v1" in n for n, _ in model.named_parameters())
+    assert model.lin.adapter_names == ["default", "sum.1"] and model.head.adapter_names == ["default", "sum.1"]
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):
