@@ -19,7 +19,8 @@ from lorakit import (
     set_adapter,
     unmerge,
 )
-from lorakit.layers import LoraModule, SavedModule
+from lorakit.layers import LoraModule
+from lorakit.saved import SavedModule
 from tests.conftest import make_minilm, make_tiny, randomize_adapters
 
 IDS = torch.tensor([[101, 2023, 3185, 2003, 2307, 999, 102]])
