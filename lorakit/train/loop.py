@@ -151,6 +151,7 @@ def setup(config: TrainConfig, ctx: distributed.Context, model: nn.Module | None
     if config.gradient_checkpointing:
         _enable_checkpointing(model)
     model.to(ctx.device).train()
+    distributed.seed_rank_stream(config.seed, ctx)  # init done (identical on every rank); dropout differs per rank
     optimizer = torch.optim.AdamW(param_groups(model, config), lr=config.lr, weight_decay=config.weight_decay)
     n_batches = len(_batches(config, ctx, train_items, epoch=0))
     steps_per_epoch = math.ceil(n_batches / config.grad_accum)
