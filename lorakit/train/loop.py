@@ -30,7 +30,7 @@ from lorakit.errors import LoraConfigError
 from lorakit.inject import count_parameters
 from lorakit.io import save_adapter, write_atomic
 from lorakit.train import checkpoint, distributed, report
-from lorakit.train.config import TrainConfig
+from lorakit.train.config import TrainConfig, recipe_line
 from lorakit.train.data import collate, encode, load_task, make_batches, pad_token_id
 from lorakit.train.methods import load_trainable_state, param_groups, prepare, trainable_state
 from lorakit.train.tasks import (
@@ -214,6 +214,8 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None) -
     torch.set_num_threads(config.threads or auto_threads(ctx.local_world))
     try:
         run = setup(config, ctx, model, tokenizer)  # every check happens here, before the first step
+        if ctx.is_main:
+            print(recipe_line(run.config), flush=True)
         prog, best_state = _start(run)
         net = distributed.wrap(run.model, ctx)
         metrics_path = Path(config.out) / "metrics.jsonl"
