@@ -145,14 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(sub.add_parser("train", help="train an adapter (or a baseline method) on a task"))
     ev = sub.add_parser("eval", help="evaluate a trained adapter on a dev split")
     ev.add_argument("--adapter", required=True, help="RUN/adapter of a finished `lorakit train` run")
-    ev.add_argument("--data", default=None, help="data directory (default: the run's data)")
+    ev.add_argument("--data", default=None, help="a data file (all of it is scored; format as for training) or a data "
+                                                 "directory (its dev split); default: the run's data")
     ev.add_argument("--task", default=None, help="task name (default: the run's task)")
     ev.add_argument("--model", default=None, help="base model directory (default: the run's base)")
     ev.add_argument("--dev_limit", "--dev-limit", type=int, default=0, help="first N dev examples; 0 = all")
     ev.add_argument("--batch_size", "--batch-size", type=int, default=64)
+    ev.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     pr = sub.add_parser("predict", help="predict raw texts with a trained adapter")
     pr.add_argument("--adapter", required=True, help="RUN/adapter of a finished `lorakit train` run")
     pr.add_argument("--model", default=None, help="base model directory (default: the run's base)")
+    pr.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     pr.add_argument("texts", nargs="+", help="texts; sentence pairs as 'first || second'; NER: words by spaces")
     mg = sub.add_parser("merge", help="export base + LoRA adapter merged, as a plain transformers model")
     mg.add_argument("--adapter", required=True, help="a PEFT-layout adapter directory")
@@ -176,9 +179,15 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    from lorakit.train.inference import evaluate_adapter
+    from lorakit.train.inference import eval_data, evaluate_adapter, resolve_device
 
-    metrics = evaluate_adapter(args.adapter, args.data, args.task, args.model, args.dev_limit, args.batch_size)
+    resolve_device(args.device)  # an unavailable device fails before the data and model load
+    split = eval_data(args.adapter, args.data, args.task)
+    n = min(len(split.dev), args.dev_limit or len(split.dev))
+    what = "the whole file" if not split.train else "the dev split"
+    print(f"lorakit eval: {split.task}, {what} {split.dev_path} ({n} of {len(split.dev)} examples)", file=sys.stderr)
+    metrics = evaluate_adapter(args.adapter, model_dir=args.model, dev_limit=args.dev_limit,
+                               batch_size=args.batch_size, device=args.device, split=split)
     print(json.dumps(metrics))
 
 
@@ -193,7 +202,7 @@ def _format_prediction(pred: dict, names: dict[str, str] | None = None) -> str:
 def _cmd_predict(args: argparse.Namespace) -> None:
     from lorakit.train.inference import predict_texts
 
-    for text, pred in zip(args.texts, predict_texts(args.adapter, args.texts, args.model), strict=True):
+    for text, pred in zip(args.texts, predict_texts(args.adapter, args.texts, args.model, args.device), strict=True):
         print(f"{_format_prediction(pred)}\t{text}")
 
 

@@ -126,7 +126,7 @@ def test_train_eval_predict_merge_inspect(tmp_path, tiny_bert_dir, capsys):
     assert metrics == pytest.approx(json.loads((run / "summary.json").read_text())["dev"], abs=1e-6)
 
     texts = ["a warm , funny film .", "tedious and far too long ."]
-    assert main(["predict", "--adapter", str(run / "adapter"), *texts]) == 0
+    assert main(["predict", "--adapter", str(run / "adapter"), "--device", "cpu", *texts]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split("\t")[1] for line in lines] == texts
     assert main(["merge", "--base", str(tiny_bert_dir), "--adapter", str(run / "adapter"),
@@ -161,7 +161,11 @@ def test_pairs_and_tags_predict(tmp_path, tiny_bert_dir, capsys):
     assert [w.split("/")[0] for w in words] == ["Alice", "flew", "to", "Paris"]  # one tag per word
     assert sorted(p.name for p in (tmp_path / "ner" / "adapter").iterdir()) == ["trainable.safetensors"]
     assert main(["eval", "--adapter", str(tmp_path / "ner" / "adapter"), "--dev_limit", "8"]) == 0
-    assert set(json.loads(capsys.readouterr().out)) == {"loss", "precision", "recall", "f1"}
+    metrics = json.loads(capsys.readouterr().out)
+    assert set(metrics) == {"loss", "precision", "recall", "f1"}
+    conll = ROOT / "lorakit" / "data" / "wnut17" / "emerging.dev.conll"
+    assert main(["eval", "--adapter", str(tmp_path / "ner" / "adapter"), "--dev_limit", "8", "--data", str(conll)]) == 0
+    assert json.loads(capsys.readouterr().out) == pytest.approx(metrics, abs=1e-6)
 
 
 def test_eval_refuses_labels_outside_the_adapters_label_set(tmp_path, tiny_bert_dir, capsys):
@@ -175,6 +179,42 @@ def test_eval_refuses_labels_outside_the_adapters_label_set(tmp_path, tiny_bert_
                  "--task", "classification"]) == 2
     err = capsys.readouterr().err
     assert "labels ['2']" in err and "not in the adapter's label set ['0', '1']" in err
+
+
+def test_eval_takes_a_data_file_or_directory_and_says_which(tmp_path, tiny_bert_dir, capsys):
+    assert main(_train_args(tiny_bert_dir, tmp_path / "run")) == 0  # trained with the first 16 dev sentences
+    capsys.readouterr()
+    adapter = str(tmp_path / "run" / "adapter")
+    expected = json.loads((tmp_path / "run" / "summary.json").read_text())["dev"]
+    sst2 = ROOT / "lorakit" / "data" / "sst2"
+    assert main(["eval", "--adapter", adapter, "--data", str(sst2 / "stsa.binary.dev"), "--dev_limit", "16"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == pytest.approx(expected, abs=1e-6)
+    assert captured.err == f"lorakit eval: sst2, the whole file {sst2 / 'stsa.binary.dev'} (16 of 872 examples)\n"
+    assert main(["eval", "--adapter", adapter, "--data", str(sst2), "--dev_limit", "16", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == pytest.approx(expected, abs=1e-6)
+    assert captured.err == f"lorakit eval: sst2, the dev split {sst2 / 'stsa.binary.dev'} (16 of 872 examples)\n"
+    # The same 16 sentences as a GLUE tsv with another name: the format comes from the suffix.
+    lines = (sst2 / "stsa.binary.dev").read_text().splitlines()[:16]
+    (tmp_path / "test.tsv").write_text("label\tsentence\n" + "".join(f"{ln[0]}\t{ln[2:]}\n" for ln in lines))
+    assert main(["eval", "--adapter", adapter, "--data", str(tmp_path / "test.tsv")]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == pytest.approx(expected, abs=1e-6) and "(16 of 16 examples)" in captured.err
+    (tmp_path / "pairs.tsv").write_text("sentence1\tsentence2\tlabel\na\tb\t0\n")
+    assert main(["eval", "--adapter", adapter, "--data", str(tmp_path / "pairs.tsv")]) == 2
+    assert "use task 'pair-classification'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["eval", "predict"])
+def test_eval_and_predict_refuse_a_device_this_machine_lacks(tmp_path, command, capsys):
+    extra = ["a fine film ."] if command == "predict" else []
+    missing = "cuda:7" if torch.cuda.is_available() else "cuda"
+    assert main([command, "--adapter", str(tmp_path), "--device", missing, *extra]) == 2
+    err = capsys.readouterr().err
+    assert f"--device {missing}: " in err and "use --device c" in err and len(err.splitlines()) == 1
+    assert main([command, "--adapter", str(tmp_path), "--device", "gpu", *extra]) == 2
+    assert "--device 'gpu': not a device; expected cpu, cuda, cuda:N or auto" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, needle", [
