@@ -65,7 +65,10 @@ def seed_rank_stream(seed: int, ctx: Context) -> None:
     """Give this rank its own python/torch (CPU and CUDA) random stream. Call it after the model and adapter
     init, which must be identical on every rank (same seed): from here on the draws are dropout, LoRA's
     dropout-mask seeds included, and rank k's rows must not get rank 0's masks (correlated noise that one
-    process over the same global batch never has)."""
+    process over the same global batch never has). Rank 0 (and a single process) keeps the stream it has,
+    so single-process runs draw exactly what they drew before ranks had their own streams."""
+    if ctx.rank == 0:
+        return
     s = rank_seed(seed, ctx.rank)
     random.seed(s)
     torch.manual_seed(s)  # seeds every CUDA device too
