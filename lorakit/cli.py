@@ -148,20 +148,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", default=None, help="a data file (all of it is scored; format as for training) or a data "
                                                  "directory (its dev split); default: the run's data")
     ev.add_argument("--task", default=None, help="task name (default: the run's task)")
-    ev.add_argument("--model", default=None, help="base model directory (default: the run's base)")
+    ev.add_argument("--model", default=None, help="base model directory or name (minilm) (default: the run's base)")
     ev.add_argument("--dev_limit", "--dev-limit", type=int, default=0, help="first N dev examples; 0 = all")
     ev.add_argument("--batch_size", "--batch-size", type=int, default=64)
     ev.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     pr = sub.add_parser("predict", help="predict raw texts with a trained adapter")
     pr.add_argument("--adapter", required=True, help="RUN/adapter of a finished `lorakit train` run")
-    pr.add_argument("--model", default=None, help="base model directory (default: the run's base)")
+    pr.add_argument("--model", default=None, help="base model directory or name (minilm) (default: the run's base)")
     pr.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     pr.add_argument("texts", nargs="+", help="texts; sentence pairs as 'first || second'; NER: words by spaces")
     mg = sub.add_parser("merge", help="export base + LoRA adapter merged, as a plain transformers model")
     mg.add_argument("--adapter", required=True, help="a PEFT-layout adapter directory")
     mg.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     mg.add_argument("--base", "--model", dest="model", default=None,
-                    help="base model directory (default: the adapter's base_model_name_or_path)")
+                    help="base model directory or name (minilm) (default: the adapter's base_model_name_or_path)")
     mg.add_argument("--task", default=None, help="causal-lm, seq-cls, token-cls, ... (default: adapter's task_type)")
     ins = sub.add_parser("inspect", help="summarise an adapter directory: config, ranks, |dW| per module")
     ins.add_argument("adapter", help="a PEFT-layout adapter directory")
@@ -209,11 +209,12 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 def _cmd_merge(args: argparse.Namespace) -> None:
     from lorakit.adapter_file import read_adapter
     from lorakit.export import export_merged
+    from lorakit.train.tasks import resolve_model_path
 
     base = args.model or read_adapter(args.adapter).config.base_model_name_or_path
     if not base:
         raise DataError(f"{args.adapter}: the adapter names no base model; pass --base DIR")
-    print(export_merged(base, args.adapter, args.out, args.task))
+    print(export_merged(resolve_model_path(base), args.adapter, args.out, args.task))
 
 
 def _cmd_inspect(args: argparse.Namespace) -> None:

@@ -32,7 +32,7 @@ class TrainConfig:
     all-linear targets, r=8, alpha=16, no dropout, lr 1e-3, batch 16, 3 epochs, 6% warmup, linear decay.
     lr and batch_size left None take the method's own recipe (METHOD_RECIPES), e.g. full: lr 5e-5, batch 32.
 
-    model: base model directory (Hugging Face layout); None = the bundled all-MiniLM-L6-v2.
+    model: base model directory (Hugging Face layout) or a bundled model's name (minilm); None = minilm.
     task: sst2, rte, wnut17, e2e, or a generic classification, pair-classification, ner, causal-lm.
     data: data directory holding the train and dev files; None = the task's bundled copy.
     out: run directory (adapter/, metrics.jsonl, config.json, curves.png); None = runs/<task>-<method>.

@@ -18,7 +18,7 @@ from lorakit.io import load_adapter
 from lorakit.train.data import DataError, TaskData, encode, load_eval_file, load_task, pad_token_id
 from lorakit.train.loop import RUN_INFO, TRAINABLE_FILE
 from lorakit.train.methods import load_trainable_state
-from lorakit.train.tasks import default_model_path, evaluate, load_model, load_tokenizer, predict
+from lorakit.train.tasks import evaluate, load_model, load_tokenizer, predict, resolve_model_path
 
 
 def run_info(adapter_dir: str | Path) -> dict:
@@ -64,7 +64,7 @@ def load_trained(adapter_dir: str | Path, model_dir: str | None = None,
     dev = resolve_device(device)
     adapter_dir = Path(adapter_dir)
     info = run_info(adapter_dir)
-    base = model_dir or info.get("model") or default_model_path()
+    base = resolve_model_path(model_dir or info.get("model"))
     model = load_model(base, info["kind"], info["labels"])
     if (adapter_dir / "adapter_config.json").is_file():
         load_adapter(model, adapter_dir)

@@ -37,13 +37,13 @@ from lorakit.train.tasks import (
     PRIMARY_METRIC,
     check_model_dir,
     count_targets,
-    default_model_path,
     eval_parts,
     load_model,
     load_tokenizer,
     loss_sum,
     metrics_from_parts,
     model_inputs,
+    resolve_model_path,
 )
 
 TRAINABLE_FILE = "trainable.safetensors"  # the "adapter" of methods other than lora: the trained tensors
@@ -131,7 +131,7 @@ def setup(config: TrainConfig, ctx: distributed.Context, model: nn.Module | None
     config.validate()
     resume_from = _check_out_dir(config)
     data = load_task(config.task, config.data)
-    model_path = config.model or (None if model is not None else default_model_path())
+    model_path = resolve_model_path(config.model) if config.model or model is None else None
     if model is None:
         check_model_dir(model_path, data.kind)
     else:
