@@ -184,7 +184,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     resolve_device(args.device)  # an unavailable device fails before the data and model load
     split = eval_data(args.adapter, args.data, args.task)
     n = min(len(split.dev), args.dev_limit or len(split.dev))
-    what = "the whole file" if not split.train else "the dev split"
+    what = "the whole file" if not split.train else "the dev split"  # a single file comes without a train split
     print(f"lorakit eval: {split.task}, {what} {split.dev_path} ({n} of {len(split.dev)} examples)", file=sys.stderr)
     metrics = evaluate_adapter(args.adapter, model_dir=args.model, dev_limit=args.dev_limit,
                                batch_size=args.batch_size, device=args.device, split=split)
