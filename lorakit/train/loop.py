@@ -27,7 +27,7 @@ from safetensors.torch import save as save_tensors
 from torch import nn
 
 from lorakit.errors import LoraConfigError
-from lorakit.inject import count_parameters
+from lorakit.injection import count_parameters
 from lorakit.io import save_adapter, write_atomic
 from lorakit.train import checkpoint, distributed, report
 from lorakit.train.config import TrainConfig, recipe_line

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lorakit.errors import LoraConfigError
-from lorakit.inject import count_parameters
+from lorakit.injection import count_parameters
 from lorakit.layers import LoraModule
 from lorakit.train import loop
 from lorakit.train.config import TrainConfig
