@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--task", default=None, help="causal-lm, seq-cls, token-cls, ... (default: adapter's task_type)")
     ins = sub.add_parser("inspect", help="summarise an adapter directory: config, ranks, |dW| per module")
     ins.add_argument("adapter", help="a PEFT-layout adapter directory")
+    ins.add_argument("--plot", default=None, help="also draw the singular values of every module's dW to this PNG")
     dm = sub.add_parser("demo", help="train SST-2 LoRA on the bundled MiniLM with the defaults, then classify")
     dm.add_argument("--out", default="runs/demo")
     dm.add_argument("--max_steps", "--max-steps", type=int, default=0, help="a smaller budget; 0 = the full recipe")
@@ -127,6 +128,10 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
     from lorakit.export import inspect_adapter
 
     print(inspect_adapter(args.adapter))
+    if args.plot:
+        from lorakit.analysis import adapter_factors, adapter_spectra, plot_spectra
+
+        print(f"spectra of dW: {plot_spectra(adapter_spectra(adapter_factors(args.adapter)), args.plot)}")
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
