@@ -1,0 +1,64 @@
+"""The experiment runner in quick mode on a tiny BERT (a CI smoke test: no accuracy is asserted): runs are
+recorded and skipped on a second call, tables and figures are written, the equal-budget runs of `targets` do
+train equally many values, and every configuration of the long experiments is valid before anything runs."""
+
+import json
+
+import pytest
+
+from experiments import EXPERIMENTS
+from experiments.runner import build_config, read_results, run_experiment
+from lorakit.cli import main
+from tests.train.conftest import save_tiny_bert
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory) -> str:
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+def test_subspace_quick_writes_its_figures_and_resumes(tiny_bert_dir, tmp_path):
+    out = tmp_path / "subspace"
+    written = run_experiment(EXPERIMENTS["subspace"], out, quick=True, model=tiny_bert_dir, log=lambda *_: None)
+    assert sorted(p.name for p in written) == sorted(
+        ["phi_r8_r64_query.png", "phi_r8_r64_value.png", "phi_seeds_r64_query.png", "phi_seeds_r64_value.png",
+         "spectra_r8.png", "spectra_r64.png", "subspace.md"])
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in written if p.suffix == ".png")
+    rows = read_results(out)
+    assert [(r["meta"]["r"], r["seed"]) for r in rows] == [(8, 0), (64, 0), (8, 1), (64, 1)]
+    assert all(r["quick"] and r["summary"]["steps"] == 2 for r in rows)
+    text = (out / "subspace.md").read_text()
+    assert text.startswith("> **--quick smoke run**") and "amplification" in text
+    logs = []
+    run_experiment(EXPERIMENTS["subspace"], out, quick=True, model=tiny_bert_dir, log=logs.append)
+    assert len(read_results(out)) == 4 and "4 already done" in logs[0]  # nothing trained again
+
+
+def test_targets_quick_through_the_cli_keeps_the_budget_equal(tiny_bert_dir, tmp_path, capsys):
+    out = tmp_path / "targets"
+    assert main(["experiment", "targets", "--quick", "--model", tiny_bert_dir, "--out", str(out)]) == 0
+    rows = read_results(out)
+    assert [r["meta"]["set"] for r in rows] == ["q", "k", "v", "o", "qk", "qv", "qkvo"]
+    assert len({r["summary"]["trainable"] for r in rows}) == 1  # r = 8, 4, 2 for 1, 2, 4 matrix types
+    assert "| {Wq, Wv} | 4 |" in (out / "targets.md").read_text()
+
+
+@pytest.mark.parametrize("name,count", [("glue-mini", 60), ("lr-sweep", 15), ("rank", 5), ("targets", 7),
+                                        ("ner", 6), ("subspace", 4)])
+def test_every_full_configuration_is_valid(tmp_path, name, count):
+    specs = EXPERIMENTS[name].specs(False, None, tmp_path / name)
+    assert len(specs) == count and len({s.name for s in specs}) == count
+    configs = [build_config(s, tmp_path, False, None) for s in specs]
+    assert all(c.max_steps == 0 and c.train_limit == 0 for c in configs)  # the real runs: whole splits, all epochs
+
+
+def test_glue_mini_uses_the_lr_sweep_choice(tmp_path):
+    (tmp_path / "lr-sweep").mkdir()
+    (tmp_path / "lr-sweep" / "best_lr.json").write_text(json.dumps({"prefix": 0.123}))
+    specs = EXPERIMENTS["glue-mini"].specs(False, 1, tmp_path / "glue-mini")
+    assert {s.config["lr"] for s in specs if s.meta["label"] == "prefix"} == {0.123}
+
+
+def test_an_unknown_experiment_is_named(capsys):
+    assert main(["experiment", "glue-maxi", "--quick"]) == 2
+    assert "expected one of lr-sweep, glue-mini" in capsys.readouterr().err
