@@ -3,6 +3,7 @@
     lorakit experiment NAME [--quick] [--out DIR]       (or: make experiments)
 """
 
-from experiments import glue_mini, lr_sweep, ner, rank, subspace, targets
+from experiments import e2e, glue_mini, lr_sweep, ner, rank, subspace, targets
 
-EXPERIMENTS = {m.EXPERIMENT.name: m.EXPERIMENT for m in (lr_sweep, glue_mini, rank, targets, ner, subspace)}
+EXPERIMENTS = {e.name: e for e in (lr_sweep.EXPERIMENT, glue_mini.EXPERIMENT, rank.EXPERIMENT, targets.EXPERIMENT,
+                                   ner.EXPERIMENT, subspace.EXPERIMENT, e2e.RANK, e2e.METHODS_EXPERIMENT)}

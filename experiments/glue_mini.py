@@ -12,7 +12,7 @@ SEEDS = 3
 
 
 def specs(quick: bool, seeds: int | None, out: Path) -> list[Spec]:
-    tuned = tuned_lrs(out.parent / "lr-sweep")  # the lr-sweep experiment's choices, when it has run
+    tuned = {} if quick else tuned_lrs(out.parent / "lr-sweep")  # the lr-sweep's choices, when it has run
     n = seeds or (1 if quick else SEEDS)
     return [Spec(f"{task}-{label}-s{seed}", f"{task} {label}", {"task": task, **recipe(label, tuned)}, seed,
                  {"task": task, "label": label})

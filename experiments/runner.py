@@ -83,7 +83,19 @@ def build_config(spec: Spec, out: Path, quick: bool, model: str | None) -> Train
         values |= QUICK
     if model is not None:
         values["model"] = model
+    elif values.get("model") and not Path(values["model"]).is_dir():
+        values["model"] = _resolve_named(values["model"])
     return TrainConfig(**values)
+
+
+def _resolve_named(name: str) -> str:
+    """A bundled model's directory by name ("smollm2"), through lorakit.models (the LLM issue)."""
+    try:
+        from lorakit.models import resolve_model
+    except ImportError:
+        raise LoraConfigError(f"model {name!r}: this lorakit has no lorakit.models to resolve it; pass --model DIR "
+                              "with a transformers model directory") from None
+    return str(resolve_model(name))
 
 
 def run_experiment(exp: Experiment, out: str | Path, quick: bool = False, model: str | None = None,

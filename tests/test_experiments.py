@@ -9,6 +9,7 @@ import pytest
 from experiments import EXPERIMENTS
 from experiments.runner import build_config, read_results, run_experiment
 from lorakit.cli import main
+from lorakit.errors import LoraConfigError
 from tests.train.conftest import save_tiny_bert
 
 
@@ -44,11 +45,12 @@ def test_targets_quick_through_the_cli_keeps_the_budget_equal(tiny_bert_dir, tmp
 
 
 @pytest.mark.parametrize("name,count", [("glue-mini", 60), ("lr-sweep", 15), ("rank", 5), ("targets", 7),
-                                        ("ner", 6), ("subspace", 4)])
+                                        ("ner", 6), ("subspace", 4), ("rank-e2e", 3), ("e2e-methods", 5)])
 def test_every_full_configuration_is_valid(tmp_path, name, count):
     specs = EXPERIMENTS[name].specs(False, None, tmp_path / name)
     assert len(specs) == count and len({s.name for s in specs}) == count
-    configs = [build_config(s, tmp_path, False, None) for s in specs]
+    model = str(tmp_path) if "e2e" in name else None  # SmolLM2 is resolved by name only when no --model is given
+    configs = [build_config(s, tmp_path, False, model) for s in specs]
     assert all(c.max_steps == 0 and c.train_limit == 0 for c in configs)  # the real runs: whole splits, all epochs
 
 
@@ -62,3 +64,12 @@ def test_glue_mini_uses_the_lr_sweep_choice(tmp_path):
 def test_an_unknown_experiment_is_named(capsys):
     assert main(["experiment", "glue-maxi", "--quick"]) == 2
     assert "expected one of lr-sweep, glue-mini" in capsys.readouterr().err
+
+
+def test_a_named_model_without_lorakit_models_is_a_clear_error(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lorakit.models", None)  # as in a lorakit without the LLM issue's module
+    spec = EXPERIMENTS["rank-e2e"].specs(False, None, tmp_path)[0]
+    with pytest.raises(LoraConfigError, match="pass --model DIR"):
+        build_config(spec, tmp_path, False, None)
