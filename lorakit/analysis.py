@@ -11,7 +11,7 @@ by singular value. 1: the top-i directions of one contain the top-j of the other
     amplification = ‖ΔW‖_F / ‖Uᵀ W0 V‖_F       U (out, r), V (in, r): the top-r singular vectors of ΔW
 
 (the paper's Table 7): how much ΔW amplifies the directions of W0 it selects. The same projection onto W0's
-own top-r directions and onto random directions gives the two reference rows of that table.
+own top-r directions and onto random orthonormal directions gives the two reference rows of that table.
 """
 
 from __future__ import annotations
@@ -81,37 +81,59 @@ def subspace_similarity(A1: Tensor, A2: Tensor, i: int, j: int) -> float:
     return float(similarity_grid(A1, A2)[i - 1, j - 1])
 
 
+def factor_svd(A: Tensor, B: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The thin SVD of ΔW = scale·B·A from its factors, without forming ΔW: (U (out, r), S (r,), V (in, r)).
+
+    B = Q_B R_B, Aᵀ = Q_A R_A (QR), so ΔW = Q_B (scale·R_B R_Aᵀ) Q_Aᵀ and the small r×r middle's SVD gives
+    U = Q_B u, V = Q_A v: O(d·r²) instead of a d×d SVD.
+    """
+    qb, rb = torch.linalg.qr(B.double())  # (out, r), (r, r)
+    qa, ra = torch.linalg.qr(A.double().T)  # (in, r), (r, r)
+    u, sv, vh = torch.linalg.svd(scale * rb @ ra.T)
+    return qb @ u, sv, qa @ vh.T
+
+
 def singular_values(A: Tensor, B: Tensor, scale: float) -> Tensor:
-    """The singular values of ΔW = scale·B·A (at most r are non-zero), descending."""
-    return torch.linalg.svdvals(delta_weight(A, B, scale))
+    """The r singular values of ΔW = scale·B·A (the rest are 0), descending."""
+    return factor_svd(A, B, scale)[1]
 
 
-def _top(matrix: Tensor, r: int) -> tuple[Tensor, Tensor]:
-    u, _, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
-    return u[:, :r], vh[:r].T
+def _rank(sv: Tensor) -> int:
+    return max(1, int((sv > sv[0] * 1e-6).sum())) if sv.numel() and sv[0] > 0 else 1
+
+
+def _projections(u: Tensor, v: Tensor, norm: float, w0: Tensor, r: int, seed: int) -> dict[str, float]:
+    """Table 7's row for ΔW's top-r directions u (out, ≥r), v (in, ≥r) and its norm ‖ΔW‖_F."""
+    w0 = w0.double()
+    g = torch.Generator().manual_seed(seed)
+    # Random directions: Q of a Gaussian's QR is Haar-distributed, as a Gaussian matrix's singular vectors are.
+    ru = torch.linalg.qr(torch.randn(w0.shape[0], r, generator=g, dtype=torch.float64))[0]
+    rv = torch.linalg.qr(torch.randn(w0.shape[1], r, generator=g, dtype=torch.float64))[0]
+    proj = float(torch.linalg.matrix_norm(u[:, :r].T @ w0 @ v[:, :r]))
+    top = torch.linalg.svdvals(w0)[:r]
+    return {"r": r, "delta_norm": norm, "w0_norm": float(torch.linalg.matrix_norm(w0)), "proj_delta": proj,
+            "proj_w0": float(top.norm()), "proj_random": float(torch.linalg.matrix_norm(ru.T @ w0 @ rv)),
+            "factor": norm / proj if proj > 0 else math.inf}
 
 
 def amplification(delta: Tensor, w0: Tensor, r: int | None = None, seed: int = 0) -> dict[str, float]:
     """The paper's Table 7 numbers for one module: ‖UᵀW0V‖_F with U, V the top-r singular vectors of ΔW,
-    of W0 itself, and of a random Gaussian matrix of the same shape; ‖W0‖_F, ‖ΔW‖_F and the factor
+    of W0 itself (= √(σ1² + … + σr²) of W0), and random orthonormal directions; ‖W0‖_F, ‖ΔW‖_F and the factor
     ‖ΔW‖_F / ‖Uᵀ W0 V‖_F (U, V of ΔW). r defaults to ΔW's numerical rank."""
     if delta.shape != w0.shape:
         raise ValueError(f"ΔW is {tuple(delta.shape)} but W0 is {tuple(w0.shape)}; pass the module's own base weight")
-    delta, w0 = delta.double(), w0.double()
-    s = torch.linalg.svdvals(delta)
-    if r is None:
-        r = max(1, int((s > s[0] * 1e-6).sum())) if s[0] > 0 else 1
-    g = torch.Generator().manual_seed(seed)
+    u, sv, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    return _projections(u, vh.T, float(sv.norm()), w0, r or _rank(sv), seed)
 
-    def project(source: Tensor) -> float:
-        u, v = _top(source, r)
-        return float(torch.linalg.matrix_norm(u.T @ w0 @ v))
 
-    proj = project(delta)
-    norm = float(torch.linalg.matrix_norm(delta))
-    return {"r": r, "delta_norm": norm, "w0_norm": float(torch.linalg.matrix_norm(w0)), "proj_delta": proj,
-            "proj_w0": project(w0), "proj_random": project(torch.randn(w0.shape, generator=g, dtype=torch.float64)),
-            "factor": norm / proj if proj > 0 else math.inf}
+def amplification_from_factors(A: Tensor, B: Tensor, scale: float, w0: Tensor, r: int | None = None,
+                               seed: int = 0) -> dict[str, float]:
+    """`amplification` of ΔW = scale·B·A, computed from the factors (see factor_svd)."""
+    if (B.shape[0], A.shape[1]) != tuple(w0.shape):
+        raise ValueError(f"ΔW is {(B.shape[0], A.shape[1])} but W0 is {tuple(w0.shape)}; pass the module's own "
+                         "base weight")
+    u, sv, v = factor_svd(A, B, scale)
+    return _projections(u, v, float(sv.norm()), w0, r or _rank(sv), seed)
 
 
 def base_weight(model: nn.Module, module: str) -> Tensor:
@@ -127,7 +149,7 @@ def base_weight(model: nn.Module, module: str) -> Tensor:
 
 def amplification_table(factors: Factors, model: nn.Module, seed: int = 0) -> list[dict]:
     """One amplification row per module of an adapter, W0 read from `model` (the base it was trained on)."""
-    return [{"module": name, **amplification(delta_weight(A, B, s), base_weight(model, name), A.shape[0], seed)}
+    return [{"module": name, **amplification_from_factors(A, B, s, base_weight(model, name), A.shape[0], seed)}
             for name, (A, B, s) in sorted(factors.items())]
 
 
@@ -175,6 +197,6 @@ def adapter_spectra(factors: Factors) -> dict[str, Tensor]:
     return {name: singular_values(A, B, s) for name, (A, B, s) in sorted(factors.items())}
 
 
-__all__ = ["Factors", "adapter_factors", "adapter_spectra", "amplification", "amplification_table", "base_weight",
-           "delta_weight", "plot_similarity", "plot_spectra", "right_singular_vectors", "similarity_grid",
-           "singular_values", "subspace_similarity"]
+__all__ = ["Factors", "adapter_factors", "adapter_spectra", "amplification", "amplification_from_factors",
+           "amplification_table", "base_weight", "delta_weight", "factor_svd", "plot_similarity", "plot_spectra",
+           "right_singular_vectors", "similarity_grid", "singular_values", "subspace_similarity"]

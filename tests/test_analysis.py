@@ -24,6 +24,15 @@ from lorakit.cli import main
 from tests.conftest import make_tiny, randomize_adapters
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small SVDs: one thread is fastest, and on a busy machine 2 threads spin-wait (10x slower, measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _orthonormal(d, k, seed):
     q, _ = torch.linalg.qr(torch.randn(d, k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
     return q  # (d, k)
@@ -61,9 +70,10 @@ def test_spectrum_of_a_delta_with_known_singular_values():
     s = torch.tensor([5.0, 2.0, 0.5], dtype=torch.float64)
     U, V = _orthonormal(30, 3, 1), _orthonormal(20, 3, 2)
     B, A = U * s, V.T  # ΔW = scale · U diag(s) Vᵀ
-    got = singular_values(A, B, 2.0)
-    torch.testing.assert_close(got[:3], 2.0 * s)
-    assert got[3:].abs().max() < 1e-10
+    torch.testing.assert_close(singular_values(A, B, 2.0), 2.0 * s)  # from the factors: r values
+    dense = torch.linalg.svdvals(2.0 * B @ A)
+    torch.testing.assert_close(dense[:3], 2.0 * s)
+    assert dense[3:].abs().max() < 1e-10
 
 
 def test_amplification_of_a_delta_along_w0s_top_and_bottom_directions():
@@ -99,9 +109,15 @@ def test_file_and_model_sources_agree_and_feed_the_tables(tmp_path):
     for name, (A, B, s) in from_file.items():
         A2, B2, s2 = from_model[name]
         torch.testing.assert_close((A, B, s), (A2, B2, s2))
-        dense = model.get_submodule(name).delta_weight("default").double()
-        torch.testing.assert_close(adapter_spectra(from_file)[name], torch.linalg.svdvals(dense))
+        dense = torch.linalg.svdvals(model.get_submodule(name).delta_weight("default").double())
+        torch.testing.assert_close(adapter_spectra(from_file)[name], dense[:4])
+        assert dense[4:].abs().max() < 1e-6
     rows = amplification_table(from_file, model)
+    for row in rows:  # from the factors == from the dense ΔW and W0
+        A, B, s = from_file[row["module"]]
+        dense = amplification(s * B.double() @ A.double(), base_weight(model, row["module"]), 4)
+        for key in ("delta_norm", "w0_norm", "proj_delta", "proj_w0", "proj_random", "factor"):
+            assert row[key] == pytest.approx(dense[key], rel=1e-6), key
     base = make_tiny("llama")
     torch.testing.assert_close(base_weight(model, rows[0]["module"]), base_weight(base, rows[0]["module"]))
     assert [r["r"] for r in rows] == [4, 4, 4, 4] and all(r["factor"] > 0 for r in rows)
