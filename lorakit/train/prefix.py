@@ -15,7 +15,7 @@ classification, language modelling). Both are installed as forward hooks on the 
 base parameter keeps its name. Both start from the activations (PreLayer) or embeddings (PreEmbed) of p
 random vocabulary tokens, the "real words" initialisation Li & Liang and Lester et al. found stable.
 
-Text generation through `generate` is not supported with PreLayer (the cache positions would need shifting).
+Both work with transformers' `generate` (tested greedy against PEFT on Llama).
 """
 
 from __future__ import annotations
@@ -61,11 +61,12 @@ class PrefixKV(nn.Module):
     def length(self) -> int:
         return self.key.shape[2]
 
-    def cache(self, batch: int, config) -> object:
-        """A DynamicCache holding the prefix for `batch` rows; the model appends the real tokens to it."""
+    def fill(self, cache, batch: int, config) -> object:
+        """`cache` (empty, or None for a new DynamicCache) holding the prefix for `batch` rows; the model
+        appends the real tokens to it."""
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=config)
+        cache = DynamicCache(config=config) if cache is None else cache
         for layer in range(self.key.shape[0]):
             shape = (batch, *self.key.shape[1:])
             cache.update(self.key[layer].unsqueeze(0).expand(shape), self.value[layer].unsqueeze(0).expand(shape),
@@ -106,14 +107,28 @@ def _batch_size(kwargs: dict) -> tuple[int, int, torch.device]:
 
 
 def _prefix_hook(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Put the prefix in front of the real tokens: in the (empty) cache, the attention mask and the positions.
+
+    The real tokens take positions p, p+1, ... as if the prefix were p tokens before them; with `generate`,
+    later steps find the prefix already in the cache and only get the mask and positions shifted.
+    """
     if args:
         kwargs = {"input_ids": args[0], **kwargs}  # the loop passes keywords; accept a positional input_ids
-    cache = kwargs.get("past_key_values")
-    if cache is not None and cache.get_seq_length() > 0:
-        raise LoraConfigError("prefix tuning: a forward with a filled key/value cache (generation) is not supported")
+    prefix = model.lorakit_prefix
     batch, seq, device = _batch_size(kwargs)
-    kwargs["attention_mask"] = _with_mask(kwargs, batch, seq, model.lorakit_prefix.length, device)
-    kwargs["past_key_values"] = model.lorakit_prefix.cache(batch, model.config)
+    cache = kwargs.get("past_key_values")
+    if cache is None or cache.get_seq_length() == 0:
+        kwargs["past_key_values"] = cache = prefix.fill(cache, batch, model.config)
+    mask = kwargs.get("attention_mask")
+    if mask is None:  # every slot visible: the prefix, the cached tokens, the new ones
+        kwargs["attention_mask"] = torch.ones(batch, cache.get_seq_length() + seq, dtype=torch.long, device=device)
+    elif mask.dim() != 2:
+        raise LoraConfigError(f"prefix tuning: expected a (batch, seq) attention mask, got shape {tuple(mask.shape)}")
+    else:
+        kwargs["attention_mask"] = _with_mask(kwargs, batch, seq, prefix.length, device)
+    for name in ("cache_position", "position_ids"):
+        if kwargs.get(name) is not None:
+            kwargs[name] = kwargs[name] + prefix.length
     return (), kwargs
 
 
@@ -139,16 +154,23 @@ class PromptEmbedding(nn.Module):
 
 
 def _prompt_pre_hook(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Prepend the prompt to the embeddings (and to mask, token types, positions). A `generate` decoding step
+    (a filled cache) holds the prompt already: its mask and positions only shift by p."""
     if args:
         kwargs = {"input_ids": args[0], **kwargs}
     batch, seq, device = _batch_size(kwargs)
     prompt = model.lorakit_prompt.weight
     p = prompt.shape[0]
+    cache = kwargs.get("past_key_values")
+    if cache is not None and cache.get_seq_length() > 0:
+        return (), _shift_for_decoding(kwargs, cache.get_seq_length(), batch, seq, p, device)
     embeds = kwargs.pop("inputs_embeds", None)
     ids = kwargs.pop("input_ids", None)
     embeds = embeds if embeds is not None else model.get_input_embeddings()(ids)
     kwargs["attention_mask"] = _with_mask(kwargs, batch, seq, p, device)
-    kwargs["inputs_embeds"] = torch.cat([prompt.unsqueeze(0).expand(batch, -1, -1).to(embeds.dtype), embeds], 1)
+    embeds = torch.cat([prompt.unsqueeze(0).expand(batch, -1, -1).to(embeds.dtype), embeds], 1)
+    embeds.lorakit_prompt = p  # tells the post hook these logits have the prompt's positions in front
+    kwargs["inputs_embeds"] = embeds
     for name in ("token_type_ids", "position_ids"):
         if kwargs.get(name) is not None:
             value = kwargs[name]
@@ -156,7 +178,21 @@ def _prompt_pre_hook(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple
             if name == "position_ids":  # the prompt takes positions 0..p-1, the tokens shift by p
                 front, value = torch.arange(p, device=device).expand(batch, p), value + p
             kwargs[name] = torch.cat([front, value], 1)
+    if kwargs.get("cache_position") is not None:  # generate's prefill: positions of prompt + tokens
+        kwargs["cache_position"] = torch.arange(p + seq, device=device) + kwargs["cache_position"][0]
     return (), kwargs
+
+
+def _shift_for_decoding(kwargs: dict, cached: int, batch: int, seq: int, p: int, device: torch.device) -> dict:
+    mask = kwargs.get("attention_mask")
+    if mask is None:
+        kwargs["attention_mask"] = torch.ones(batch, cached + seq, dtype=torch.long, device=device)
+    else:
+        kwargs["attention_mask"] = _with_mask(kwargs, batch, seq, p, device)
+    for name in ("cache_position", "position_ids"):
+        if kwargs.get(name) is not None:
+            kwargs[name] = kwargs[name] + p
+    return kwargs
 
 
 def _with_mask(kwargs: dict, batch: int, seq: int, p: int, device: torch.device) -> Tensor:
@@ -167,8 +203,11 @@ def _with_mask(kwargs: dict, batch: int, seq: int, p: int, device: torch.device)
 
 def _prompt_post_hook(model: nn.Module, args: tuple, kwargs: dict, output):
     logits = getattr(output, "logits", None)
-    if logits is not None and logits.dim() == 3:  # per-token logits: drop the prompt's positions
-        output.logits = logits[:, model.lorakit_prompt.weight.shape[0]:]
+    embeds = kwargs.get("inputs_embeds")
+    p = getattr(embeds, "lorakit_prompt", 0)
+    if p and logits is not None and logits.dim() == 3 and logits.shape[1] == embeds.shape[1]:
+        # per-token logits of prompt + tokens: drop the prompt's (generate's prefill keeps only the last)
+        output.logits = logits[:, p:]
     return output
 
 

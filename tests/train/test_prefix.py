@@ -143,3 +143,33 @@ def test_prefix_trains_a_causal_lm(tiny_gpt2_dir, tmp_path):
     train(config)
     rows = [r for r in read_metrics(tmp_path / "e2e" / "metrics.jsonl") if r["split"] == "train"]
     assert rows[-1]["loss"] < rows[0]["loss"]
+
+
+def _install(model, method):
+    torch.manual_seed(1)
+    return add_prefix(model, P) if method == "prefix" else add_prompt(model, P)
+
+
+def _generate(model, ids, mask):
+    model.generation_config.pad_token_id = 0
+    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_generate_equals_peft_and_a_left_padded_row_generates_as_alone(method, family):
+    model, ref, task = _pair(family)
+    added = _install(model, method)
+    ids = torch.randint(1, 100, (2, 6), generator=torch.Generator().manual_seed(2))
+    got = _generate(model, ids, torch.ones_like(ids))
+    peft_config = (PrefixTuningConfig if method == "prefix" else PromptTuningConfig)(task_type=task,
+                                                                                     num_virtual_tokens=P)
+    peft = get_peft_model(ref, peft_config)
+    with torch.no_grad():
+        peft.prompt_encoder["default"].embedding.weight.copy_(
+            _peft_prefix_weight(added) if method == "prefix" else added.weight)
+    assert torch.equal(got, _generate(peft, ids, torch.ones_like(ids)))
+    padded, mask = ids.clone(), torch.ones_like(ids)
+    padded[0, :2], mask[0, :2] = 0, 0  # row 0: 4 real tokens after 2 left pads
+    alone = _generate(model, ids[:1, 2:], torch.ones(1, 4, dtype=torch.long))
+    assert torch.equal(_generate(model, padded, mask)[0, 6:], alone[0, 4:])
