@@ -113,6 +113,9 @@ def install_structure(model: nn.Module, config: TrainConfig) -> None:
         style = "houlsby" if config.method == "adapter" else "lin"
         add_adapters(model, transformer_blocks(model), style, config.bottleneck)
     elif config.method == "prefix":
+        if config.gradient_checkpointing:
+            raise LoraConfigError("method prefix with gradient_checkpointing=True: a recomputed layer would append "
+                                  "to the prefix's key/value cache twice; set gradient_checkpointing to False")
         add_prefix(model, config.prefix_length)
     elif config.method == "prompt":
         add_prompt(model, config.prefix_length)

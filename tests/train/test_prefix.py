@@ -173,3 +173,11 @@ def test_generate_equals_peft_and_a_left_padded_row_generates_as_alone(method, f
     padded[0, :2], mask[0, :2] = 0, 0  # row 0: 4 real tokens after 2 left pads
     alone = _generate(model, ids[:1, 2:], torch.ones(1, 4, dtype=torch.long))
     assert torch.equal(_generate(model, padded, mask)[0, 6:], alone[0, 4:])
+
+
+def test_prefix_with_gradient_checkpointing_is_refused_before_training(tiny_bert_dir, tmp_path):
+    config = TrainConfig(model=tiny_bert_dir, task="sst2", out=str(tmp_path / "gc"), method="prefix", train_limit=8,
+                         dev_limit=8, max_steps=1, gradient_checkpointing=True, threads=1, progress=False)
+    with pytest.raises(LoraConfigError, match="set gradient_checkpointing to False"):
+        train(config)
+    assert not (tmp_path / "gc" / "metrics.jsonl").exists()
