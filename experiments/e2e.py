@@ -16,8 +16,9 @@ from experiments.runner import Experiment, Spec, method_table, write_text
 from lorakit.train.bottleneck import ADAPTER_LR
 from lorakit.train.prefix import PREFIX_LR, PROMPT_LR
 
+# targets None: the architecture's q, v (q_proj, v_proj on SmolLM2; c_attn's q, v slices on GPT-2)
 BASE = {"task": "e2e", "model": "smollm2", "epochs": 1, "batch_size": 8, "max_length": 128}
-LORA = {"method": "lora", "targets": ["q_proj", "v_proj"], "r": 4, "alpha": 32, "lr": 2e-4, "dropout": 0.1}
+LORA = {"method": "lora", "targets": None, "r": 4, "alpha": 32, "lr": 2e-4, "dropout": 0.1}
 METHODS = {"lora": LORA, "adapter": {"method": "adapter", "lr": ADAPTER_LR},
            "adapter-l": {"method": "adapter-l", "lr": ADAPTER_LR}, "prefix": {"method": "prefix", "lr": PREFIX_LR},
            "prompt": {"method": "prompt", "lr": PROMPT_LR}}

@@ -73,3 +73,22 @@ def test_a_named_model_without_lorakit_models_is_a_clear_error(tmp_path, monkeyp
     spec = EXPERIMENTS["rank-e2e"].specs(False, None, tmp_path)[0]
     with pytest.raises(LoraConfigError, match="pass --model DIR"):
         build_config(spec, tmp_path, False, None)
+
+
+def test_e2e_methods_quick_on_a_tiny_gpt2_trains_the_closed_form_counts(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tests.train.conftest import bpe_tokenizer
+
+    tok, d, layers, p = bpe_tokenizer(), 32, 2, 10
+    config = GPT2Config(n_layer=layers, n_embd=d, n_head=2, vocab_size=len(tok), n_positions=128,
+                        eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    run_experiment(EXPERIMENTS["e2e-methods"], tmp_path / "out", quick=True, model=str(tmp_path / "m"),
+                   log=lambda *_: None)
+    counts = {r["meta"]["label"]: r["summary"]["trainable"] for r in read_results(tmp_path / "out")}
+    m = d // 32  # the default bottleneck
+    assert counts == {"lora": layers * 2 * 4 * (d + d),  # q and v slices of c_attn, r = 4: A (4, d) + B (d, 4)
+                      "adapter": layers * 2 * (2 * d * m + d + m), "adapter-l": layers * (2 * d * m + d + m + 2 * d),
+                      "prefix": layers * 2 * p * d, "prompt": p * d}
