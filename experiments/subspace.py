@@ -52,7 +52,7 @@ def report(results: list[dict], out: Path, quick: bool) -> list[Path]:
         written.append(plot_similarity(grid, out / f"phi_r8_r64_{kind}.png", f"φ(A_r=8, A_r=64) {kind}, layer {mid}",
                                        "j (r=64)", "i (r=8)"))
         seeds = similarity_grid(factors[(64, 0)][name][0], factors[(64, 1)][name][0])
-        written.append(plot_similarity(seeds[:16, :16], out / f"phi_seeds_r64_{kind}.png",
+        written.append(plot_similarity(seeds, out / f"phi_seeds_r64_{kind}.png",
                                        f"φ(A_r=64 seed 0, seed 1) {kind}, layer {mid}", "j (seed 1)", "i (seed 0)"))
     written.append(plot_spectra(adapter_spectra(factors[(64, 0)]), out / "spectra_r64.png",
                                 "singular values of ΔW, r=64 (q, v, every layer)"))
@@ -72,13 +72,26 @@ def _amplification_report(runs: dict, factors: dict, out: Path, quick: bool, mid
                          f"{row['proj_random']:.3g}", f"{row['factor']:.3g}"])
     header = ["module", "r", "‖ΔW‖_F", "‖W0‖_F", "‖UᵀW0V‖ (ΔW dirs)", "‖UᵀW0V‖ (W0 dirs)", "‖UᵀW0V‖ (random)",
               "amplification ‖ΔW‖/‖UᵀW0V‖"]
-    mid_rows = [[f"φ(A_r8, A_r64) at i=j=8, layer {mid}",
-                 *(f"{float(similarity_grid(factors[(8, 0)][n][0], factors[(64, 0)][n][0])[7, 7]):.3f}"
-                   for n in (_pick(factors[(8, 0)], k, mid) for k in ("query", "value")))]]
+    mid_rows = _phi_rows(factors, mid)
     text = ("# subspace: what LoRA learns (SST-2, q and v)\n\n" + markdown_table(header, rows) + "\n"
-            + markdown_table(["summary", "query", "value"], mid_rows)
+            + markdown_table([f"φ, layer {mid}", "query", "value", "random subspaces: max(i, j) / d"], mid_rows)
             + "\nFigures: phi_r8_r64_{query,value}.png, phi_seeds_r64_{query,value}.png, spectra_r{8,64}.png\n")
     return write_text(out / "subspace.md", text, quick)
+
+
+def _phi_rows(factors: dict, mid: int) -> list[list[str]]:
+    """φ at a few (i, j) for r=8 vs r=64 and for the two r=64 seeds, beside random subspaces' expectation."""
+    names = [_pick(factors[(8, 0)], k, mid) for k in ("query", "value")]
+    d = factors[(8, 0)][names[0]][0].shape[1]
+    rows = []
+    for label, a, b, points in (("r=8 vs r=64", (8, 0), (64, 0), ((1, 1), (8, 8), (8, 64))),
+                                ("r=64 seed 0 vs seed 1", (64, 0), (64, 1), ((1, 1), (8, 8), (64, 64)))):
+        grids = [similarity_grid(factors[a][n][0], factors[b][n][0]) for n in names]
+        for i, j in points:
+            i, j = min(i, grids[0].shape[0]), min(j, grids[0].shape[1])
+            rows.append([f"{label}, i={i}, j={j}", *(f"{float(g[i - 1, j - 1]):.3f}" for g in grids),
+                         f"{max(i, j) / d:.3f}"])
+    return rows
 
 
 EXPERIMENT = Experiment("subspace", "r=8 vs r=64 and two seeds: φ heatmaps, spectra, amplification", specs, report)
