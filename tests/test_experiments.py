@@ -92,3 +92,14 @@ def test_e2e_methods_quick_on_a_tiny_gpt2_trains_the_closed_form_counts(tmp_path
     assert counts == {"lora": layers * 2 * 4 * (d + d),  # q and v slices of c_attn, r = 4: A (4, d) + B (d, 4)
                       "adapter": layers * 2 * (2 * d * m + d + m), "adapter-l": layers * (2 * d * m + d + m + 2 * d),
                       "prefix": layers * 2 * p * d, "prompt": p * d}
+
+
+def test_a_run_in_its_own_process_records_its_own_peak_memory(tiny_bert_dir, tmp_path):
+    from experiments.runner import Experiment, Spec, method_table
+
+    exp = Experiment("one", "one run", lambda quick, seeds, out: [Spec("head", "head", {"method": "head"})],
+                     lambda results, out, quick: [])
+    run_experiment(exp, tmp_path, quick=True, model=tiny_bert_dir, in_process=False, log=lambda *_: None)
+    (row,) = read_results(tmp_path)
+    assert not row["in_process"] and row["summary"]["memory_kind"] == "peak RSS" and row["summary"]["steps"] == 2
+    assert "(runner)" not in method_table([row])
