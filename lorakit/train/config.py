@@ -10,6 +10,8 @@ from typing import Any
 
 from lorakit.config import from_plain_dict
 from lorakit.errors import LoraConfigError
+from lorakit.train.bottleneck import ADAPTER_BATCH, ADAPTER_LR
+from lorakit.train.prefix import PREFIX_BATCH, PREFIX_LR, PROMPT_BATCH, PROMPT_LR
 
 METHODS = ("lora", "full", "top-k", "bitfit", "head", "adapter", "adapter-l", "prefix", "prompt")
 SCHEDULES = ("linear", "cosine", "constant")
@@ -23,6 +25,10 @@ METHOD_RECIPES: dict[str, dict[str, float | int]] = {
     "top-k": {"lr": 5e-5, "batch_size": 32},
     "bitfit": {"lr": 1e-3, "batch_size": 32},
     "head": {"lr": 1e-2, "batch_size": 32},
+    "adapter": {"lr": ADAPTER_LR, "batch_size": ADAPTER_BATCH},
+    "adapter-l": {"lr": ADAPTER_LR, "batch_size": ADAPTER_BATCH},
+    "prefix": {"lr": PREFIX_LR, "batch_size": PREFIX_BATCH},
+    "prompt": {"lr": PROMPT_LR, "batch_size": PROMPT_BATCH},
 }
 
 
