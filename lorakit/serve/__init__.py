@@ -1,0 +1,9 @@
+"""lorakit serve: an OpenAI-compatible server, one frozen base and many LoRA adapters chosen per request.
+
+    api (FastAPI routes, OpenAI shapes) → engine (one thread owns the model; continuous batching of mixed
+    adapters) → registry (adapter names, safe paths, LRU) → metrics (prometheus_client)
+"""
+
+from .server import ServeConfig, build, run
+
+__all__ = ["ServeConfig", "build", "run"]

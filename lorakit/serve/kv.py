@@ -1,0 +1,134 @@
+"""The running batch's KV cache, left-padded, and a prompt cache keyed by adapter as well as tokens.
+
+Layout: one transformers `DynamicCache` for all running rows; per layer keys/values (rows, heads, L, dim).
+Row i's real tokens are the last `lengths[i]` columns; the columns before are padding, masked out by
+`mask` (rows, L). Every decode step appends one column for every row, so padding stays a prefix. Between
+steps rows leave (`select`), groups join (`merge`, padding the shorter on the left), and columns that are
+padding for every row are dropped (`trim`). RoPE positions come from `lengths`, never from the column.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+
+
+@dataclass
+class KVBatch:
+    cache: DynamicCache
+    mask: Tensor  # (rows, L) long: 1 = a real token in the cache
+    lengths: list[int]  # real tokens per row
+
+    @property
+    def width(self) -> int:
+        return self.mask.shape[1]
+
+    def layers(self) -> list:
+        return [layer for layer in self.cache.layers if layer.is_initialized]
+
+    def select(self, rows: list[int]) -> None:
+        """Keep only `rows` (a leaving request leaves at once), then drop all-padding columns."""
+        idx = torch.tensor(rows, dtype=torch.long)
+        for layer in self.layers():
+            layer.keys, layer.values = layer.keys[idx], layer.values[idx]
+        self.mask = self.mask[idx]
+        self.lengths = [self.lengths[i] for i in rows]
+        self.trim()
+
+    def trim(self) -> None:
+        drop = self.width - max(self.lengths, default=0)
+        if drop > 0:
+            for layer in self.layers():
+                layer.keys, layer.values = layer.keys[:, :, drop:], layer.values[:, :, drop:]
+            self.mask = self.mask[:, drop:]
+
+    def pad_left(self, n: int) -> None:
+        if n <= 0:
+            return
+        for layer in self.layers():
+            k, v = layer.keys, layer.values
+            layer.keys = torch.cat([k.new_zeros(*k.shape[:2], n, k.shape[3]), k], 2)
+            layer.values = torch.cat([v.new_zeros(*v.shape[:2], n, v.shape[3]), v], 2)
+        self.mask = torch.cat([self.mask.new_zeros(self.mask.shape[0], n), self.mask], 1)
+
+    def merge(self, other: KVBatch) -> None:
+        """Append `other`'s rows below ours (both left-padded to the wider one)."""
+        width = max(self.width, other.width)
+        self.pad_left(width - self.width)
+        other.pad_left(width - other.width)
+        for mine, theirs in zip(self.layers(), other.layers(), strict=True):
+            mine.keys = torch.cat([mine.keys, theirs.keys], 0)
+            mine.values = torch.cat([mine.values, theirs.values], 0)
+        self.mask = torch.cat([self.mask, other.mask], 0)
+        self.lengths = self.lengths + other.lengths
+
+    def step_inputs(self) -> tuple[Tensor, Tensor]:
+        """(attention_mask with the new column, position_ids) for a one-token decode step."""
+        mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], 1)
+        return mask, torch.tensor(self.lengths, dtype=torch.long).unsqueeze(1)
+
+    def stepped(self, mask: Tensor) -> None:
+        """Record the column the forward just appended."""
+        self.mask = mask
+        self.lengths = [n + 1 for n in self.lengths]
+
+    def row(self, i: int) -> list[tuple[Tensor, Tensor]]:
+        """Row i's real KV, per layer, as (1, heads, n, dim) copies."""
+        n = self.lengths[i]
+        return [(layer.keys[i:i + 1, :, -n:].clone(), layer.values[i:i + 1, :, -n:].clone())
+                for layer in self.layers()]
+
+    @classmethod
+    def from_row(cls, kv: list[tuple[Tensor, Tensor]]) -> KVBatch:
+        cache = DynamicCache(ddp_cache_data=[(k.clone(), v.clone()) for k, v in kv])
+        n = kv[0][0].shape[2]
+        return cls(cache, torch.ones(1, n, dtype=torch.long), [n])
+
+
+def empty_batch() -> KVBatch:
+    return KVBatch(DynamicCache(), torch.zeros(0, 0, dtype=torch.long), [])
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(input_ids, attention_mask, position_ids) for prompts of different lengths, padded on the left."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    return ids, mask, (mask.cumsum(1) - 1).clamp(min=0)
+
+
+class PromptCache:
+    """Prompt → (its KV, the logits after it), LRU of `capacity` entries.
+
+    The key is (adapter name, adapter version, prompt tokens): KV computed under one adapter is never reused
+    for another, nor for a later reload of the same name from a different file (llama.cpp's bug #26207).
+    """
+
+    def __init__(self, capacity: int = 32) -> None:
+        self.capacity = capacity
+        self.entries: OrderedDict[tuple, tuple[list[tuple[Tensor, Tensor]], Tensor]] = OrderedDict()
+
+    def get(self, key: tuple) -> tuple[list[tuple[Tensor, Tensor]], Tensor] | None:
+        hit = self.entries.get(key)
+        if hit is not None:
+            self.entries.move_to_end(key)
+        return hit
+
+    def put(self, key: tuple, kv: list[tuple[Tensor, Tensor]], logits: Tensor) -> None:
+        if self.capacity <= 0:
+            return
+        self.entries[key] = (kv, logits.clone())
+        self.entries.move_to_end(key)
+        while len(self.entries) > self.capacity:
+            self.entries.popitem(last=False)
+
+    def drop_adapter(self, name: str) -> None:
+        for key in [k for k in self.entries if k[0] == name]:
+            del self.entries[key]
