@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--task", default=None, help="causal-lm, seq-cls, token-cls, ... (default: adapter's task_type)")
     ins = sub.add_parser("inspect", help="summarise an adapter directory: config, ranks, |dW| per module")
     ins.add_argument("adapter", help="a PEFT-layout adapter directory")
+    from lorakit.serve.flags import add_serve_flags
+
+    add_serve_flags(sub.add_parser("serve", help="OpenAI-compatible server: one base, many adapters per request"))
     dm = sub.add_parser("demo", help="train SST-2 LoRA on the bundled MiniLM with the defaults, then classify")
     dm.add_argument("--out", default="runs/demo")
     dm.add_argument("--max_steps", "--max-steps", type=int, default=0, help="a smaller budget; 0 = the full recipe")
@@ -152,7 +155,14 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     print(f"try: lorakit predict --adapter {result.adapter_dir} \"an utterly charming film .\"")
 
 
-COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "merge": _cmd_merge,
+def _cmd_serve(args: argparse.Namespace) -> None:
+    from lorakit.serve.flags import config_from_flags
+    from lorakit.serve.server import run
+
+    run(config_from_flags(args))
+
+
+COMMANDS = {"serve": _cmd_serve, "train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "merge": _cmd_merge,
             "inspect": _cmd_inspect, "demo": _cmd_demo}
 
 

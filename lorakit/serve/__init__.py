@@ -2,8 +2,7 @@
 
     api (FastAPI routes, OpenAI shapes) → engine (one thread owns the model; continuous batching of mixed
     adapters) → registry (adapter names, safe paths, LRU) → metrics (prometheus_client)
+
+Entry points: `lorakit.serve.server.build(ServeConfig(...))` / `run(...)`, or
+`lorakit serve --model ... --adapters ...`.
 """
-
-from .server import ServeConfig, build, run
-
-__all__ = ["ServeConfig", "build", "run"]

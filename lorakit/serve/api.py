@@ -87,14 +87,15 @@ class Server:
         deadline = time.monotonic() + self.settings.timeout
         try:
             while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ServeError(408, f"request timed out after {self.settings.timeout:g} s",
+                                     type="timeout_error", code="timeout")
                 try:
-                    event = await asyncio.wait_for(job.queue.get(), 1.0)
+                    event = await asyncio.wait_for(job.queue.get(), min(1.0, left))
                 except TimeoutError:
                     if await request.is_disconnected():
                         raise ServeError(499, "client disconnected") from None
-                    if time.monotonic() > deadline:
-                        raise ServeError(408, f"request timed out after {self.settings.timeout:g} s",
-                                         type="timeout_error", code="timeout") from None
                     continue
                 if event[0] == "error":
                     raise event[1]

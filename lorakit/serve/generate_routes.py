@@ -135,14 +135,15 @@ async def _events(server: Server, request: Request, jobs: list[Job], poll_discon
     deadline, done, q = time.monotonic() + server.settings.timeout, 0, jobs[0].queue
     try:
         while done < len(jobs):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ServeError(408, f"request timed out after {server.settings.timeout:g} s",
+                                 type="timeout_error", code="timeout")
             try:
-                event = await asyncio.wait_for(q.get(), tick)
+                event = await asyncio.wait_for(q.get(), min(tick, left))
             except TimeoutError:
                 if poll_disconnect and await request.is_disconnected():
                     raise ServeError(499, "client disconnected") from None
-                if time.monotonic() > deadline:
-                    raise ServeError(408, f"request timed out after {server.settings.timeout:g} s",
-                                     type="timeout_error", code="timeout") from None
                 yield ("tick",)
                 continue
             if event[0] == "error":

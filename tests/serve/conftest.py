@@ -94,7 +94,7 @@ class Running:
 
 
 def start(model: str, adapters, **kw) -> Running:
-    from lorakit.serve import ServeConfig
+    from lorakit.serve.server import ServeConfig
 
     return Running(ServeConfig(model=model, adapters=str(adapters), port=free_port(), timeout=30, **kw))
 
