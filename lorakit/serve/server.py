@@ -49,19 +49,10 @@ class ServeConfig:
 
 
 def model_dir(spec: str) -> Path:
-    """A local model directory for `spec`: a bundled name (via lorakit.models when present) or a path."""
-    path = Path(spec)
-    if not path.is_dir():
-        try:
-            from lorakit.models import resolve_model  # the bundled models (smollm2, minilm)
-        except ImportError:
-            resolve_model = None
-        if resolve_model is not None:
-            path = Path(resolve_model(spec))
-        elif spec == "minilm":
-            from lorakit.train.tasks import default_model_path
+    """A local model directory for `spec`: a bundled name (smollm2, minilm) or a path."""
+    from lorakit.models import resolve_model
 
-            path = Path(default_model_path())
+    path = Path(resolve_model(spec))
     if not (path / "config.json").is_file():
         raise LoraConfigError(f"--model {spec!r}: not a Hugging Face model directory (no config.json); pass a "
                               "directory or a bundled name (smollm2, minilm)")
