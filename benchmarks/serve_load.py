@@ -207,16 +207,16 @@ def main() -> None:
 
 
 def run_grid(args, work: Path) -> list[dict]:
-    from lorakit.serve.server import ServeConfig, model_dir
-    from tests.serve.conftest import Running, free_port
+    from lorakit.serve.server import ServeConfig, ThreadedServer, free_port, model_dir
 
     mdir = str(model_dir(args.model))
     root = work / "adapters"
     root.mkdir()
     names = make_adapters(mdir, root, max(args.adapters))
     texts = prompts(256)
-    srv = Running(ServeConfig(model=mdir, adapters=str(root), port=free_port(), max_loaded=max(args.adapters),
-                              max_batch=max(args.concurrency), max_queue=4096, prompt_cache=0))
+    srv = ThreadedServer(ServeConfig(model=mdir, adapters=str(root), port=free_port(),
+                                     max_loaded=max(args.adapters), max_batch=max(args.concurrency),
+                                     max_queue=4096, prompt_cache=0))
     rows: list[dict] = []
     bound = (args.requests, args.max_tokens, args.cell_seconds)
     try:

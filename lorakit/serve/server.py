@@ -7,6 +7,7 @@ running and queued requests finish, then uvicorn exits. A second signal exits at
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -134,6 +135,36 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+class ThreadedServer:
+    """A server on 127.0.0.1 in a background thread (tests, benchmarks, demos); `.url` is its /v1 base URL."""
+
+    def __init__(self, cfg: ServeConfig, start_timeout: float = 60.0) -> None:
+        self.server = build(cfg)
+        self.uv = uvicorn.Server(uvicorn.Config(create_app(self.server), host=cfg.host, port=cfg.port,
+                                                log_level="error"))
+        self.thread = threading.Thread(target=self.uv.run, name="lorakit-uvicorn", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + start_timeout
+        while not self.uv.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"lorakit serve did not start on {cfg.host}:{cfg.port}")
+            time.sleep(0.02)
+        self.root = f"http://{cfg.host}:{cfg.port}"
+        self.url = f"{self.root}/v1"
+
+    def close(self) -> None:
+        self.uv.should_exit = True
+        self.thread.join(timeout=10)
+        self.server.engine.stop()
+
+
 def run(cfg: ServeConfig) -> None:
     """Serve until SIGTERM; prints the address and the adapters found."""
     server = build(cfg)
@@ -149,4 +180,4 @@ def run(cfg: ServeConfig) -> None:
         server.engine.stop()
 
 
-__all__ = ["ServeConfig", "build", "load_base", "model_dir", "run"]
+__all__ = ["ServeConfig", "ThreadedServer", "build", "free_port", "load_base", "model_dir", "run"]

@@ -1,9 +1,6 @@
 """A tiny random Llama (and tiny BERT) saved as model directories, PEFT-format adapters saved by lorakit, and a
 real uvicorn server on 127.0.0.1 (a free port, in a thread) to drive with the official openai SDK."""
 
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -58,45 +55,10 @@ def llama_adapters(llama_dir, tmp_path_factory) -> Path:
     return root
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def start(model: str, adapters, **kw):
+    from lorakit.serve.server import ServeConfig, ThreadedServer, free_port
 
-
-class Running:
-    """A uvicorn server in a thread; `.url` is its /v1 base URL."""
-
-    def __init__(self, cfg) -> None:
-        import uvicorn
-
-        from lorakit.serve.api import create_app
-        from lorakit.serve.server import build
-
-        self.server = build(cfg)
-        self.port = cfg.port
-        self.uv = uvicorn.Server(uvicorn.Config(create_app(self.server), host="127.0.0.1", port=cfg.port,
-                                                log_level="error"))
-        self.thread = threading.Thread(target=self.uv.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.uv.started:
-            if time.monotonic() > deadline:
-                raise RuntimeError("server did not start")
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{cfg.port}/v1"
-        self.root = f"http://127.0.0.1:{cfg.port}"
-
-    def close(self) -> None:
-        self.uv.should_exit = True
-        self.thread.join(timeout=10)
-        self.server.engine.stop()
-
-
-def start(model: str, adapters, **kw) -> Running:
-    from lorakit.serve.server import ServeConfig
-
-    return Running(ServeConfig(model=model, adapters=str(adapters), port=free_port(), timeout=30, **kw))
+    return ThreadedServer(ServeConfig(model=model, adapters=str(adapters), port=free_port(), timeout=30, **kw))
 
 
 @pytest.fixture(scope="module")

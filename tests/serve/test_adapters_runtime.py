@@ -15,7 +15,8 @@ import openai
 import pytest
 from safetensors import safe_open
 
-from tests.serve.conftest import free_port, start
+from lorakit.serve.server import free_port
+from tests.serve.conftest import start
 
 
 @pytest.fixture(scope="module")
