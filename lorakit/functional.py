@@ -74,8 +74,9 @@ def dropout_keep_mask(seed: int, shape: torch.Size, p: float, device: torch.devi
     """A reproducible keep-mask for dropout (1 = keep, 0 = drop), and the keep probability it realises.
 
     Uses 16 random bits per element (64-bit words viewed as four int16), so keep probability is (1 - p)
-    rounded to 1/65536; callers rescale by it. On CPU the words come from numpy's SFC64 generator, ~6x
-    faster than `bernoulli_` and ~2.5x faster than torch's CPU `randint`; elsewhere from torch's generator.
+    rounded to 1/65536; callers rescale by it. On CPU the words come from numpy's SFC64 generator, 4-6x
+    faster than `bernoulli_` (4096×384 fp32, one thread: 3.5 ms vs 14-18 ms on the shared dev CPU);
+    elsewhere from torch's generator.
     Pass the data's `dtype` to get the mask in it directly: multiplying by a bool mask converts it first.
     The lean LoRA path regenerates the mask from `seed` in backward rather than storing it.
     """

@@ -99,7 +99,7 @@ def test_inspect_summarises_and_validates(tmp_path):
         row = next(line for line in text.splitlines() if line.startswith(name + " "))
         assert row.split()[1:3] == [kind, str(r)] and f"{norm:.4g}" in row
     lora = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
-    head = sum(p.numel() for p in model.head.modules_to_save["default"].parameters())
+    head = sum(p.numel() for p in model.head.copy("default").parameters())
     assert f"trainable values {lora + head:,} (LoRA {lora:,}" in text
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**config, "rank_pattern": {"lin": 3}}))

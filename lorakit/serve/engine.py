@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
-from lorakit.adapters import per_row_adapters
 from lorakit.errors import LoraError
+from lorakit.rows import adapter_rows
 
 from .jobs import Job, Seq
 from .kv import KVBatch, PromptCache, empty_batch, left_pad
@@ -30,6 +30,13 @@ from .metrics import Metrics
 from .registry import AdapterRegistry
 from .sampling import next_token
 from .schemas import ServeError
+
+
+def _rows(names: list[str | None]):
+    """The per-row adapter choice for one forward (None = the base), through lorakit's context variable:
+    only this thread's forwards see it, and nothing is written on the model."""
+    known = list(dict.fromkeys(n for n in names if n is not None))
+    return adapter_rows(known, [known.index(n) if n is not None else -1 for n in names])
 
 
 class Engine:
@@ -254,7 +261,7 @@ class Engine:
         parts: dict[int, tuple[KVBatch, int, torch.Tensor]] = {}  # seq index -> (its batch, its row, logits)
         if misses:
             ids, mask, pos = left_pad([seqs[i].job.prompt for i in misses], self.pad_id)
-            with per_row_adapters(self.model, [seqs[i].adapter for i in misses]):
+            with _rows([seqs[i].adapter for i in misses]):
                 out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
                                  past_key_values=DynamicCache(), use_cache=True)
             fresh = KVBatch(out.past_key_values, mask, [len(seqs[i].job.prompt) for i in misses])
@@ -319,7 +326,7 @@ class Engine:
         names = [s.adapter for s in self.running]
         mask, pos = self.batch.step_inputs()
         ids = torch.tensor([[s.last] for s in self.running], dtype=torch.long)
-        with per_row_adapters(self.model, names):
+        with _rows(names):
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
                                 past_key_values=self.batch.cache, use_cache=True).logits[:, -1]
         self.batch.stepped(mask)
@@ -351,7 +358,7 @@ class Engine:
             inputs = job.inputs
             rows = inputs["input_ids"].shape[0]
             self.metrics.prompt_tokens.labels(job.label).inc(int(inputs["attention_mask"].sum()))
-            with per_row_adapters(self.model, [job.adapter] * rows):
+            with _rows([job.adapter] * rows):
                 if job.kind == "embed":
                     hidden = self.model.base_model(**inputs).last_hidden_state  # (rows, seq, hidden)
                     m = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)

@@ -22,9 +22,9 @@ from pathlib import Path
 from torch import nn
 
 from lorakit.adapter_file import CONFIG_NAME, read_adapter
-from lorakit.adapters import delete_adapter, lora_modules
+from lorakit.adapters import delete_adapter
 from lorakit.errors import AdapterFileError
-from lorakit.inject import _is_linear
+from lorakit.injection import _is_linear, lora_modules
 from lorakit.io import _install, _Plan, _plan, check_adapter_name
 from lorakit.layers import LoraModule
 
