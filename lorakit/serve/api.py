@@ -51,6 +51,8 @@ class Server:
             data = json.loads(body)
         except ValueError as e:
             raise ServeError(400, f"the body is not valid JSON: {e}") from None
+        if isinstance(data, dict) and isinstance(data.get("model"), str):
+            request.state.model = data["model"]  # for the error metrics
         try:
             return model.model_validate(data)
         except ValidationError as e:
@@ -76,11 +78,7 @@ class Server:
 
     def submit(self, job: Job) -> None:
         self.metrics.requests.labels(job.label).inc()
-        try:
-            self.engine.submit(job)
-        except ServeError as e:
-            self.metrics.errors.labels(job.label, str(e.status)).inc()
-            raise
+        self.engine.submit(job)
 
     async def result(self, request: Request, job: Job) -> tuple:
         """Wait for a job's one result event; cancel it on timeout or a client that went away."""
@@ -130,6 +128,10 @@ def create_app(server: Server) -> FastAPI:
 
     @app.exception_handler(ServeError)
     async def on_serve_error(request: Request, e: ServeError):
+        model = getattr(request.state, "model", None)
+        if not getattr(e, "counted", False) and model is not None and (  # known names only: bounded labels
+                model == s.base_id or server.registry.is_loaded(model) or model in server.registry.names()):
+            server.metrics.errors.labels(model, str(e.status)).inc()
         return error_response(e)
 
     @app.get("/health")

@@ -145,6 +145,7 @@ class Engine:
         job.closed = True
         if error is not None:
             self.metrics.errors.labels(job.label, str(error.status)).inc()
+            error.counted = True  # the API's error handler must not count it again
             job.emit("error", error)
         elif job.cancelled.is_set():
             self.metrics.cancelled.inc()

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from tests.serve.conftest import LLAMA_ADAPTERS, peft_greedy
@@ -149,3 +150,37 @@ def _histogram(server, name: str) -> dict[str, float]:
     get = lambda suffix: float(next(line.split()[-1] for line in text.splitlines()  # noqa: E731
                                     if line.startswith(name + suffix)))
     return {"sum": get("_sum"), "count": get("_count")}
+
+
+def test_metrics_per_adapter_series(llama_server):
+    client = openai.OpenAI(base_url=llama_server.url, api_key="x", timeout=30, max_retries=0)
+    series = ['lorakit_requests_total{model="a8"}', 'lorakit_request_errors_total{code="400",model="a8"}',
+              'lorakit_time_to_first_token_seconds_count{model="a8"}',
+              'lorakit_request_latency_seconds_count{model="a8"}',
+              'lorakit_prompt_tokens_total{model="a8"}', 'lorakit_generation_tokens_total{model="a8"}',
+              "lorakit_adapter_cache_hits_total"]
+    before = {k: _value(llama_server, k) for k in series}
+    r = client.completions.create(model="a8", prompt=PROMPTS[0], max_tokens=3, temperature=0)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="a8", prompt=PROMPTS[0], max_tokens=100000)
+    delta = {k: _value(llama_server, k) - before[k] for k in series}
+    assert list(delta.values()) == [1, 1, 1, 1, r.usage.prompt_tokens, r.usage.completion_tokens, 1]
+    text = _metrics(llama_server)
+    assert "lorakit_queue_depth 0.0" in text and "lorakit_adapter_loads_total 9.0" in text
+
+
+def _value(server, series: str) -> float:
+    return next((float(line.split()[-1]) for line in _metrics(server).splitlines() if line.startswith(series + " ")),
+                0.0)
+
+
+def test_embeddings_of_the_llm_are_mean_pooled_decoder_states(llama_server, llama_dir, llama_adapters, tok):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), str(llama_adapters / "a4"))
+    ids = tok(PROMPTS[0], return_tensors="pt")
+    with torch.no_grad():
+        want = model.base_model.model.model(**ids).last_hidden_state.mean(1)[0]
+    got = openai.OpenAI(base_url=llama_server.url, api_key="x").embeddings.create(model="a4", input=PROMPTS[0])
+    torch.testing.assert_close(torch.tensor(got.data[0].embedding), want, rtol=1e-5, atol=1e-5)
