@@ -333,9 +333,11 @@ class Engine:
         self.batch.stepped(mask)
         self.metrics.batch_size.observe(len(names))
         self.metrics.batch_adapters.observe(len(set(names)))
+        greedy = logits.argmax(-1).tolist()  # one call for the batch; sampled rows draw below
         keep = []
         for i, seq in enumerate(self.running):
-            reason = seq.push(next_token(logits[i], seq.job.sampling, seq.gen))
+            s = seq.job.sampling
+            reason = seq.push(greedy[i] if s.temperature == 0 else next_token(logits[i], s, seq.gen))
             if reason:
                 self._finish(seq, reason)
             else:

@@ -96,3 +96,15 @@ def test_embeddings_float_and_base64_equal_peft_mean_pooled(enc, bert_dir):
 def test_completions_on_an_encoder_is_400(enc):
     r = httpx.post(f"{enc.url}/completions", json={"model": "c0", "prompt": "x"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "wrong_task"
+
+
+def test_demo_helper_classifies_a_run_over_http(enc, bert_dir):
+    from lorakit.serve.demo import classify_over_http
+
+    answers, command = classify_over_http(enc.adapters_root / "run1", TEXTS[:2], model=bert_dir)
+    model = peft_model(bert_dir, enc.adapters_root / "run1" / "adapter")
+    with torch.no_grad():
+        want = torch.softmax(model(**tokens(bert_dir, TEXTS[:2])).logits, -1)
+    assert [a["label"] for a in answers] == [["neg", "pos"][int(i)] for i in want.argmax(-1)]
+    torch.testing.assert_close(torch.tensor([a["probs"] for a in answers]), want, rtol=1e-5, atol=1e-5)
+    assert command.startswith("lorakit serve --model ") and str(enc.adapters_root) in command
