@@ -129,6 +129,9 @@ class AdapterRegistry:
         with structure_lock:
             plan = _plan(model, adapter)
             bad = [t for t in plan.lora if not _is_linear(_base(model.get_submodule(t)))]
+        if plan.biases:
+            raise AdapterFileError(f"{path}: the adapter trains biases (bias={plan.config.bias!r}), which change the "
+                                   "shared base for every request; serve adapters saved with bias='none'")
         if bad:
             raise AdapterFileError(f"{path}: target {bad[0]!r} is not a Linear layer; mixed batches serve LoRA on "
                                    "Linear layers only (embeddings and convolutions cannot vary per row)")

@@ -16,7 +16,7 @@ from tests.serve.conftest import start
 TEXTS = ["a gripping , beautifully acted film .", "a dull mess .", "fine"]
 
 
-def save_classifier_adapter(bert_dir: str, out, seed: int) -> None:
+def save_classifier_adapter(bert_dir: str, out, seed: int, bias: str = "none") -> None:
     from transformers import AutoModelForSequenceClassification
 
     import lorakit
@@ -24,7 +24,7 @@ def save_classifier_adapter(bert_dir: str, out, seed: int) -> None:
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(bert_dir, num_labels=2)
     lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, targets=["query", "value"],
-                                             modules_to_save=["classifier"]))
+                                             modules_to_save=["classifier"], bias=bias))
     randomize_adapters(model, std=0.3, seed=seed)
     lorakit.save_adapter(model, out)
 
@@ -34,6 +34,7 @@ def enc(bert_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("bert-adapters")
     save_classifier_adapter(bert_dir, root / "c0", 1)
     save_classifier_adapter(bert_dir, root / "run1" / "adapter", 2)  # a `lorakit train` run directory
+    save_classifier_adapter(bert_dir, root / "biased", 3, bias="all")
     (root / "run1" / "task.json").write_text(json.dumps({"kind": "classification", "labels": ["neg", "pos"]}))
     s = start(bert_dir, root)
     s.adapters_root = root
@@ -108,3 +109,10 @@ def test_demo_helper_classifies_a_run_over_http(enc, bert_dir):
     assert [a["label"] for a in answers] == [["neg", "pos"][int(i)] for i in want.argmax(-1)]
     torch.testing.assert_close(torch.tensor([a["probs"] for a in answers]), want, rtol=1e-5, atol=1e-5)
     assert command.startswith("lorakit serve --model ") and str(enc.adapters_root) in command
+
+
+def test_an_adapter_that_trains_shared_biases_is_refused(enc):
+    r = httpx.post(f"{enc.url}/classify", json={"model": "biased", "input": "x"}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "adapter_invalid"
+    assert "bias='all'" in r.json()["error"]["message"]
+    assert httpx.post(f"{enc.url}/classify", json={"model": "c0", "input": "x"}, timeout=30).status_code == 200
