@@ -19,13 +19,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DynamicCache
 
 from lorakit.errors import LoraError
 from lorakit.rows import adapter_rows
 
 from .jobs import Job, Seq
-from .kv import KVBatch, PromptCache, empty_batch, left_pad
+from .kv import GrowingCache, KVBatch, PromptCache, empty_batch, left_pad
 from .metrics import Metrics
 from .registry import AdapterRegistry
 from .sampling import next_token
@@ -270,7 +269,7 @@ class Engine:
             ids, mask, pos = left_pad([seqs[i].job.prompt for i in misses], self.pad_id)
             with _rows([seqs[i].adapter for i in misses]):
                 out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                                 past_key_values=DynamicCache(), use_cache=True)
+                                 past_key_values=GrowingCache(), use_cache=True)
             fresh = KVBatch(out.past_key_values, mask, [len(seqs[i].job.prompt) for i in misses])
             for row, i in enumerate(misses):
                 parts[i] = (fresh, row, out.logits[row, -1])

@@ -1,6 +1,7 @@
 """The running batch's KV cache, left-padded, and a prompt cache keyed by adapter as well as tokens.
 
-Layout: one transformers `DynamicCache` for all running rows; per layer keys/values (rows, heads, L, dim).
+Layout: one transformers cache (`GrowingCache`, a DynamicCache) for all running rows; per layer keys/values
+(rows, heads, L, dim).
 Row i's real tokens are the last `lengths[i]` columns; the columns before are padding, masked out by
 `mask` (rows, L). Every decode step appends one column for every row, so padding stays a prefix. Between
 steps rows leave (`select`), groups join (`merge`, padding the shorter on the left), and columns that are
@@ -15,6 +16,44 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
+
+
+class GrowingLayer(DynamicLayer):
+    """A DynamicLayer whose keys/values are views of a buffer with spare columns: a decode step writes its
+    column in place instead of `torch.cat` copying the layer's whole cache (all rows) every step. The buffer
+    doubles when full, so the copying is amortised O(1) per token. Assign new tensors through `adopt`."""
+
+    _k: Tensor | None = None
+    _v: Tensor | None = None
+
+    def adopt(self, keys: Tensor, values: Tensor) -> None:
+        self.keys, self.values, self._k, self._v = keys, values, keys, values
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self.adopt(key_states[:, :, :0], value_states[:, :, :0])
+        n, add = self.keys.shape[2], key_states.shape[2]
+        k0 = self._k
+        fresh = k0 is None or self.keys.data_ptr() != k0.data_ptr() or k0.shape[:2] != self.keys.shape[:2]
+        if fresh or n + add > self._k.shape[2]:  # (re)buffer: the first step after a select/merge, or full
+            cap = max(n + add, 2 * n, 16)
+            k = key_states.new_empty(*key_states.shape[:2], cap, key_states.shape[3])
+            v = value_states.new_empty(*value_states.shape[:2], cap, value_states.shape[3])
+            k[:, :, :n], v[:, :, :n] = self.keys, self.values
+            self._k, self._v = k, v
+        self._k[:, :, n:n + add] = key_states
+        self._v[:, :, n:n + add] = value_states
+        self.keys, self.values = self._k[:, :, :n + add], self._v[:, :, :n + add]
+        return self.keys, self.values
+
+
+class GrowingCache(DynamicCache):
+    """A DynamicCache of GrowingLayers (one per decoder layer, created on first update)."""
+
+    def __init__(self) -> None:
+        Cache.__init__(self, layer_class_to_replicate=GrowingLayer)
 
 
 @dataclass
@@ -34,7 +73,7 @@ class KVBatch:
         """Keep only `rows` (a leaving request leaves at once), then drop all-padding columns."""
         idx = torch.tensor(rows, dtype=torch.long)
         for layer in self.layers():
-            layer.keys, layer.values = layer.keys[idx], layer.values[idx]
+            layer.adopt(layer.keys[idx], layer.values[idx])
         self.mask = self.mask[idx]
         self.lengths = [self.lengths[i] for i in rows]
         self.trim()
@@ -43,7 +82,7 @@ class KVBatch:
         drop = self.width - max(self.lengths, default=0)
         if drop > 0:
             for layer in self.layers():
-                layer.keys, layer.values = layer.keys[:, :, drop:], layer.values[:, :, drop:]
+                layer.adopt(layer.keys[:, :, drop:], layer.values[:, :, drop:])
             self.mask = self.mask[:, drop:]
 
     def pad_left(self, n: int) -> None:
@@ -51,8 +90,8 @@ class KVBatch:
             return
         for layer in self.layers():
             k, v = layer.keys, layer.values
-            layer.keys = torch.cat([k.new_zeros(*k.shape[:2], n, k.shape[3]), k], 2)
-            layer.values = torch.cat([v.new_zeros(*v.shape[:2], n, v.shape[3]), v], 2)
+            layer.adopt(torch.cat([k.new_zeros(*k.shape[:2], n, k.shape[3]), k], 2),
+                        torch.cat([v.new_zeros(*v.shape[:2], n, v.shape[3]), v], 2))
         self.mask = torch.cat([self.mask.new_zeros(self.mask.shape[0], n), self.mask], 1)
 
     def merge(self, other: KVBatch) -> None:
@@ -61,8 +100,7 @@ class KVBatch:
         self.pad_left(width - self.width)
         other.pad_left(width - other.width)
         for mine, theirs in zip(self.layers(), other.layers(), strict=True):
-            mine.keys = torch.cat([mine.keys, theirs.keys], 0)
-            mine.values = torch.cat([mine.values, theirs.values], 0)
+            mine.adopt(torch.cat([mine.keys, theirs.keys], 0), torch.cat([mine.values, theirs.values], 0))
         self.mask = torch.cat([self.mask, other.mask], 0)
         self.lengths = self.lengths + other.lengths
 
@@ -84,13 +122,18 @@ class KVBatch:
 
     @classmethod
     def from_row(cls, kv: list[tuple[Tensor, Tensor]]) -> KVBatch:
-        cache = DynamicCache(ddp_cache_data=[(k.clone(), v.clone()) for k, v in kv])
+        cache = GrowingCache()
+        for k, v in kv:
+            layer = GrowingLayer()
+            layer.lazy_initialization(k, v)
+            layer.adopt(k.clone(), v.clone())
+            cache.layers.append(layer)
         n = kv[0][0].shape[2]
         return cls(cache, torch.ones(1, n, dtype=torch.long), [n])
 
 
 def empty_batch() -> KVBatch:
-    return KVBatch(DynamicCache(), torch.zeros(0, 0, dtype=torch.long), [])
+    return KVBatch(GrowingCache(), torch.zeros(0, 0, dtype=torch.long), [])
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
