@@ -149,7 +149,7 @@ def from_peft_dict(data: Any, source: str | Path = CONFIG_NAME) -> LoraConfig:
     kwargs["modules_to_save"] = list(dict.fromkeys(kwargs.get("modules_to_save") or ()))
     try:
         return LoraConfig(**kwargs)
-    except LoraConfigError as e:  # name PEFT's field, not LoraConfig's: "alpha=-1: ..." -> "field 'lora_alpha': -1: ..."
+    except LoraConfigError as e:  # PEFT's field names: "alpha=-1: ..." -> "field 'lora_alpha': -1: ..."
         peft_key = {name: key for key, (name, _, _) in FIELDS.items()}
         lines = [re.sub(r"^(\s*- )?(\w+)(\[[^\]]*\])?=", lambda m: f"{m[1] or ''}field '{peft_key.get(m[2], m[2])}"
                         f"{m[3] or ''}': ", line) for line in str(e).splitlines()]

@@ -27,6 +27,7 @@ from .injection import (
 )
 from .layers import LoraModule
 from .rows import adapter_rows
+from .saved import SavedModule
 from .transaction import all_or_nothing
 
 
@@ -129,12 +130,18 @@ def unmerge(model: nn.Module) -> nn.Module:
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge the active adapters and replace every lorakit module by its plain base module.
 
-    A merged weight that was tied to another module is untied (that module keeps the original), and
-    `model.config.tie_word_embeddings` is set False, so a saved and reloaded model computes the same.
+    A merged weight (or a trained head copy) whose original was tied to another module is untied (that module
+    keeps the original), and `model.config.tie_word_embeddings` is set False, so a saved and reloaded model
+    computes the same.
     """
     with all_or_nothing(model):
         merge(model)
-        originals = {id(m._unmerged[0]) for _, m in lora_modules(model) if isinstance(m, LoraModule) and m._unmerged}
+        originals = set()  # parameters the unloaded model no longer uses where they were (merged, or a head copy)
+        for _, m in lora_modules(model):
+            if isinstance(m, LoraModule) and m._unmerged:
+                originals.add(id(m._unmerged[0]))
+            elif isinstance(m, SavedModule) and m.unwrap() is not m.original_module:
+                originals |= {id(p) for p in m.original_module.parameters()}
         for name, m in list(lora_modules(model)):
             _set_submodule(model, name, m.unwrap())
     model.__dict__.pop("_lorakit_configs", None)

@@ -10,7 +10,8 @@ from torch import Tensor, nn
 
 from .errors import LoraConfigError
 from .injection import check_adapter_name, check_names, lora_configs, lora_modules, refresh_trainable
-from .layers import LoraModule, SavedModule
+from .layers import LoraModule
+from .saved import SavedModule
 from .transaction import all_or_nothing
 
 METHODS = ("linear", "cat", "svd")

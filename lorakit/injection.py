@@ -14,7 +14,8 @@ from torch import nn
 
 from .config import LoraConfig, matches
 from .errors import AdapterNotFound, LoraConfigError, LoraStateError
-from .layers import LoraConv, LoraEmbedding, LoraLinear, LoraModule, LoraSlicedLinear, SavedModule
+from .layers import LoraConv, LoraEmbedding, LoraLinear, LoraModule, LoraSlicedLinear
+from .saved import SavedModule
 from .transaction import all_or_nothing
 
 # The paper's Wq, Wv per architecture (model.config.model_type).
@@ -196,9 +197,12 @@ def refresh_trainable(model: nn.Module) -> None:
                 p.requires_grad_(True)
         if "lora_only" in modes and isinstance(m, LoraModule) and getattr(m.base_layer, "bias", None) is not None:
             m.base_layer.bias.requires_grad_(True)
-    if "all" in modes:
+    if "all" in modes:  # every bias of the model itself: not adapter tensors, not a saved module's frozen original
+        skip = {id(p) for _, m in lora_modules(model) for n in m.adapter_names for p in m.adapter_params(n)}
+        skip |= {id(p) for _, m in lora_modules(model) if isinstance(m, SavedModule)
+                 for p in m.original_module.parameters()}
         for pname, p in model.named_parameters():
-            if pname.endswith("bias") and ".lora_" not in pname and ".original_module." not in pname:
+            if pname.rsplit(".", 1)[-1] == "bias" and id(p) not in skip:
                 p.requires_grad_(True)
 
 

@@ -34,7 +34,8 @@ from .config import LoraConfig, matches
 from .errors import AdapterFileError, AdapterNotFound, LoraConfigError
 from .injection import _wrap, inject, lora_configs, lora_modules, model_modules, resolve, select
 from .injection import check_adapter_name as _check_name
-from .layers import LoraModule, SavedModule
+from .layers import LoraModule
+from .saved import SavedModule
 from .transaction import all_or_nothing
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,

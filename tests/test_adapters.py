@@ -19,7 +19,8 @@ from lorakit import (
     set_adapter,
     unmerge,
 )
-from lorakit.layers import LoraModule, SavedModule
+from lorakit.layers import LoraModule
+from lorakit.saved import SavedModule
 from tests.conftest import make_minilm, make_tiny, randomize_adapters
 
 IDS = torch.tensor([[101, 2023, 3185, 2003, 2307, 999, 102]])
@@ -286,3 +287,18 @@ def test_tied_embeddings_merge_unmerge_and_unload_keep_outputs(kind, tmp_path):
         plain.save_pretrained(tmp_path)
         again = type(plain).from_pretrained(tmp_path).eval()
         torch.testing.assert_close(again(**inputs).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_trained_copy_of_a_tied_head_survives_unload_and_reload(tmp_path):
+    from tests.conftest import tiny_inputs
+
+    model = make_tiny("gpt2")  # lm_head is tied to wte
+    inject(model, LoraConfig(r=2, modules_to_save=["lm_head"]))
+    with torch.no_grad():
+        model.lm_head.copy("default").weight.add_(0.5)  # the head copy trains; the embedding must not follow
+        expected = model(**tiny_inputs("gpt2")).logits
+        plain = merge_and_unload(model)
+        assert plain.config.tie_word_embeddings is False
+        plain.save_pretrained(tmp_path)
+        again = type(plain).from_pretrained(tmp_path).eval()
+        torch.testing.assert_close(again(**tiny_inputs("gpt2")).logits, expected, rtol=1e-5, atol=1e-5)

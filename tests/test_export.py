@@ -106,7 +106,7 @@ def test_inspect_summarises_and_validates(tmp_path):
     with pytest.raises(AdapterFileError, match="lin: rank 4, but the config"):
         inspect_adapter(tmp_path / "a")
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**config, "r": 0}))
-    with pytest.raises(AdapterFileError, match="r=0"):
+    with pytest.raises(AdapterFileError, match="field 'r': 0: expected an integer >= 1"):
         inspect_adapter(tmp_path / "a")
     with pytest.raises(AdapterFileError, match="not a directory"):
         inspect_adapter(tmp_path / "missing")

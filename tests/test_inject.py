@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from lorakit import LoraConfig, LoraConfigError, count_parameters, inject, parameter_table, select
-from lorakit.layers import LoraLinear, SavedModule
+from lorakit.layers import LoraLinear
+from lorakit.saved import SavedModule
 from tests.conftest import make_minilm, make_tiny
 
 

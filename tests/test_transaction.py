@@ -20,7 +20,8 @@ from lorakit import (
     save_adapter,
     set_adapter,
 )
-from lorakit.layers import LoraModule, SavedModule
+from lorakit.layers import LoraModule
+from lorakit.saved import SavedModule
 from tests.conftest import assert_unchanged, model_state, randomize_adapters
 
 
