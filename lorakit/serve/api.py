@@ -18,8 +18,6 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ValidationError
 
-from lorakit.errors import LoraError
-
 from .engine import Engine
 from .jobs import Job
 from .registry import check_name
@@ -134,10 +132,16 @@ def create_app(server: Server) -> FastAPI:
             server.metrics.errors.labels(model, str(e.status)).inc()
         return error_response(e)
 
+    @app.exception_handler(Exception)
+    async def on_bug(request: Request, e: Exception):
+        return error_response(ServeError(500, f"internal error: {type(e).__name__}: {e}", type="server_error"))
+
     @app.get("/health")
     async def health():
-        if server.engine.draining:
-            return error_response(ServeError(503, "draining", type="server_error", code="draining"))
+        if server.engine.draining or not server.engine.thread.is_alive():
+            return error_response(ServeError(503, "draining" if server.engine.draining else "the engine has stopped",
+                                             type="server_error", code="draining" if server.engine.draining
+                                             else "engine_stopped"))
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -183,7 +187,10 @@ def add_admin_routes(app: FastAPI, server: Server) -> None:
             planning = await asyncio.wrap_future(server.engine.call(lambda: server.engine.load_async(name)))
             await asyncio.wrap_future(planning)  # validation on the loader thread; raises what it found
             await asyncio.wrap_future(server.engine.call(server.engine.finish_loads))  # install between steps
-        except (LoraError, OSError, ValueError) as e:
+        except ServeError:
+            server.registry.forget(name)
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever validation found, as a 400 naming the file
             server.registry.forget(name)
             raise ServeError(400, f"adapter {name!r} at {path} failed validation: {e}", code="adapter_invalid",
                              param="lora_path") from None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -20,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.errors import LoraError
 from lorakit.rows import adapter_rows
 
 from .jobs import Job, Seq
@@ -105,12 +105,19 @@ class Engine:
     # -- the loop ----------------------------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stop:
-            self._take_inbox(block=not self.running and not self._ready())
-            self.finish_loads()
-            self._evict()
-            self._admit()
-            if self.running:
-                self._guarded(self._step)
+            try:
+                self._turn()
+            except Exception:  # noqa: BLE001 - a bug in one turn must not kill the thread every request waits on
+                traceback.print_exc()
+                time.sleep(0.01)
+
+    def _turn(self) -> None:
+        self._take_inbox(block=not self.running and not self._ready())
+        self.finish_loads()
+        self._evict()
+        self._admit()
+        if self.running:
+            self._guarded(self._step)
 
     def _ready(self) -> bool:
         return any(j.adapter is None or self.registry.is_loaded(j.adapter) or j.cancelled.is_set()
@@ -182,7 +189,7 @@ class Engine:
                     self.registry.install(self.model, planned)
                 self.metrics.loads.inc()
                 self.metrics.loaded.set(len(self.registry.loaded))
-            except (LoraError, ServeError, OSError, ValueError) as e:
+            except Exception as e:  # noqa: BLE001 - any failure fails the requests that named it, nothing else
                 self.metrics.load_failures.inc()
                 err = e if isinstance(e, ServeError) else ServeError(
                     400, f"adapter {name!r} could not be loaded: {e}", code="adapter_invalid", param="model")

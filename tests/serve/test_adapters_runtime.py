@@ -1,6 +1,7 @@
 """Adapters at run time: vLLM's load/unload bodies, unload frees the tensors (measured), LRU eviction, a slow
 load never stalls other adapters, a client that disconnects mid-stream cancels, SIGTERM drains."""
 
+import json
 import os
 import shutil
 import signal
@@ -103,8 +104,8 @@ def test_a_slow_load_does_not_stall_other_adapters(srv):
 def test_disconnect_mid_stream_cancels(srv):
     engine = srv.server.engine
     before = engine.metrics.cancelled._value.get()
-    with httpx.stream("POST", f"{srv.url}/completions", json={"model": "a0", "prompt": "x", "max_tokens": 120,
-                                                             "temperature": 0, "stream": True}, timeout=30) as r:
+    body = {"model": "a0", "prompt": "x", "max_tokens": 120, "n": 8, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{srv.url}/completions", json=body, timeout=30) as r:
         next(r.iter_lines())
     deadline = time.monotonic() + 10
     while not engine.idle() and time.monotonic() < deadline:
@@ -117,28 +118,33 @@ def test_sigterm_drains(llama_dir, srv):
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
     proc = subprocess.Popen([sys.executable, "-m", "lorakit", "serve", "--model", llama_dir, "--adapters",
-                             str(srv.adapters_root), "--port", str(port)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+                             str(srv.adapters_root), "--port", str(port), "--max-batch", "2"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and proc.poll() is None:
             try:
                 if httpx.get(f"{url}/health").status_code == 200:
                     break
             except httpx.TransportError:
                 time.sleep(0.1)
-        body = {"model": "a2", "prompt": "x", "max_tokens": 100, "temperature": 0, "stream": True}
-        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        # 4 prompts x n=4 = 16 rows through a batch of 2: ~960 decode steps, seconds of work still running
+        body = {"model": "a2", "prompt": ["x", "y", "z", "w"], "n": 4, "max_tokens": 120, "temperature": 0,
+                "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
             lines = r.iter_lines()
             next(lines)
             proc.send_signal(signal.SIGTERM)
-            time.sleep(0.2)
+            time.sleep(0.05)
+            assert httpx.get(f"{url}/health").status_code == 503
             late = httpx.post(f"{url}/v1/completions", json={"model": "a0", "prompt": "x", "max_tokens": 2})
             assert late.status_code == 503 and late.json()["error"]["code"] == "draining"
-            assert httpx.get(f"{url}/health").status_code == 503
             rest = [line for line in lines if line]
-        assert rest[-1] == "data: [DONE]" and '"finish_reason": "length"' in "".join(rest)
+        assert rest[-1] == "data: [DONE]"
+        finished = [json.loads(e[6:])["choices"][0] for e in rest[:-1]]
+        assert sorted(c["index"] for c in finished if c["finish_reason"]) == list(range(16))
         assert proc.wait(30) == 0
     finally:
         if proc.poll() is None:

@@ -115,8 +115,8 @@ def test_full_queue_is_429_with_retry_after(srv):
     engine = srv.server.engine
     engine.max_queue = 1
     try:
-        t = threading.Thread(target=post, args=(srv, "/completions", {"model": "a1", "prompt": "x", "max_tokens": 40,
-                                                                       "temperature": 0}))
+        t = threading.Thread(target=post, args=(srv, "/completions", {"model": "a1", "prompt": "x", "max_tokens": 120,
+                                                                       "n": 8, "temperature": 0}))
         t.start()
         deadline = time.monotonic() + 10
         while engine.idle() and time.monotonic() < deadline:
@@ -134,7 +134,8 @@ def test_timeout_is_408_and_cancels(srv):
     settings = srv.server.settings
     settings.timeout = 0.05
     try:
-        err(post(srv, "/completions", {"model": "a1", "prompt": "x", "max_tokens": 120, "temperature": 0}), 408,
+        err(post(srv, "/completions", {"model": "a1", "prompt": "x", "max_tokens": 120, "n": 8,
+                                             "temperature": 0}), 408,
             "timeout")
     finally:
         settings.timeout = 30
