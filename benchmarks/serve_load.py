@@ -183,6 +183,33 @@ def llama_cpp(texts, requests, max_tokens, limit_s) -> dict | str:
     return summary(latencies, tokens, time.perf_counter() - start)
 
 
+def classify_mix_ratio(model_dir: str, adapters: int, batch: int, tokens: int, repeats: int) -> dict:
+    """MiniLM classify at batch `batch` × `tokens`: a batch mixing `adapters` adapters (q,v r=8 + head) vs the
+    same batch on the base alone, alternating, median of `repeats` ratios (the issue's ≤ 1.10× target)."""
+    from transformers import AutoModelForSequenceClassification
+
+    import lorakit
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2).eval()
+    for i in range(adapters):
+        lorakit.inject(model, lorakit.LoraConfig(r=8, alpha=16, targets=["query", "value"],
+                                                 modules_to_save=["classifier"]), f"c{i}")
+    ids = torch.randint(1000, 2000, (batch, tokens))
+    mixed = [f"c{i % adapters}" for i in range(batch)]
+
+    def run(names):
+        t = time.perf_counter()
+        with torch.inference_mode(), lorakit.per_row_adapters(model, names):
+            model(input_ids=ids)
+        return time.perf_counter() - t
+
+    run(mixed), run([None] * batch)
+    ratios = [run(mixed) / run([None] * batch) for _ in range(repeats)]
+    return {"setup": f"classify batch {batch}x{tokens}, {adapters} adapters mixed / base", "adapters": adapters,
+            "concurrency": batch, "ratio_median": statistics.median(ratios), "ratios": ratios}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
@@ -193,14 +220,24 @@ def main() -> None:
     ap.add_argument("--cell-seconds", type=float, default=120.0, help="stop issuing requests after this")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--classify-model", default="minilm", help="encoder for the classify cell; '' = skip it")
+    ap.add_argument("--classify-repeats", type=int, default=9)
     ap.add_argument("--quick", action="store_true", help="tiny random Llama, 2 adapters counts, conc. 1 and 4")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="serve-load-"))
+    if args.classify_model:
+        from lorakit.models import resolve_model
+
+        args.classify_model = resolve_model(args.classify_model)
     if args.quick:
         args.model, args.adapters, args.concurrency = make_tiny(work / "tiny"), [1, 8], [1, 4]
+        args.classify_repeats = 3
         args.requests, args.max_tokens, args.cell_seconds = 8, 8, 20
     results = run_grid(args, work)
+    if args.classify_model:
+        results.append(classify_mix_ratio(args.classify_model, 64, 64, 64 if not args.quick else 16,
+                                          args.classify_repeats))
     print(table(results))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
@@ -245,7 +282,10 @@ def run_grid(args, work: Path) -> list[dict]:
 def table(rows: list[dict]) -> str:
     out = ["| setup | adapters | concurrency | requests | tokens/s | p50 s | p99 s |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        if "note" in r:
+        if "ratio_median" in r:
+            out.append(f"| {r['setup']} | {r['adapters']} | {r['concurrency']} | | "
+                       f"{r['ratio_median']:.3f}x (median of {len(r['ratios'])}) | | |")
+        elif "note" in r:
             out.append(f"| {r['setup']} | | | | {r['note']} | | |")
         else:
             out.append(f"| {r['setup']} | {r['adapters']} | {r['concurrency']} | {r['requests']} | "
