@@ -40,7 +40,7 @@ def _rows(names: list[str | None]):
 
 class Engine:
     def __init__(self, model: nn.Module, tokenizer, kind: str, registry: AdapterRegistry, metrics: Metrics,
-                 max_batch: int = 32, max_queue: int = 256, prompt_cache: int = 32, max_context: int = 2048) -> None:
+                 max_batch: int = 32, max_queue: int = 256, prompt_cache: int = 4096, max_context: int = 2048) -> None:
         self.model, self.tokenizer, self.kind = model.eval(), tokenizer, kind
         self.registry, self.metrics = registry, metrics
         self.max_batch, self.max_queue, self.max_context = max_batch, max_queue, max_context
@@ -280,7 +280,7 @@ class Engine:
             fresh = KVBatch(out.past_key_values, mask, [len(seqs[i].job.prompt) for i in misses])
             for row, i in enumerate(misses):
                 parts[i] = (fresh, row, out.logits[row, -1])
-                if keys[i] not in {keys[j] for j in misses[:row]}:
+                if len(keys[i][2]) <= self.prompt_cache.capacity and keys[i] not in self.prompt_cache.entries:
                     self.prompt_cache.put(keys[i], fresh.row(row), out.logits[row, -1])
         for i, hit in enumerate(cached):
             if hit is not None:

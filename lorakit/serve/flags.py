@@ -25,8 +25,8 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default 600)")
     p.add_argument("--max-tokens", "--max_tokens", dest="max_tokens", type=int, default=2048,
                    help="the most tokens one request may ask for")
-    p.add_argument("--prompt-cache", "--prompt_cache", dest="prompt_cache", type=int, default=32,
-                   help="prompts whose KV is kept, keyed by adapter + tokens; 0 = off")
+    p.add_argument("--prompt-cache", "--prompt_cache", dest="prompt_cache", type=int, default=4096,
+                   help="prompt tokens whose KV is kept, keyed by adapter + tokens; 0 = off (default 4096)")
 
 
 def config_from_flags(args: argparse.Namespace):

@@ -148,14 +148,15 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor, Ten
 
 
 class PromptCache:
-    """Prompt → (its KV, the logits after it), LRU of `capacity` entries.
+    """Prompt → (its KV, the logits after it), LRU, holding at most `capacity` prompt tokens in all.
 
     The key is (adapter name, adapter version, prompt tokens): KV computed under one adapter is never reused
     for another, nor for a later reload of the same name from a different file (llama.cpp's bug #26207).
+    Bounded in tokens, not entries: SmolLM2's KV is 46 KB per token (30 layers x 2 x 3 heads x 64 x fp32).
     """
 
-    def __init__(self, capacity: int = 32) -> None:
-        self.capacity = capacity
+    def __init__(self, capacity: int = 4096) -> None:
+        self.capacity, self.tokens = capacity, 0
         self.entries: OrderedDict[tuple, tuple[list[tuple[Tensor, Tensor]], Tensor]] = OrderedDict()
 
     def get(self, key: tuple) -> tuple[list[tuple[Tensor, Tensor]], Tensor] | None:
@@ -165,13 +166,18 @@ class PromptCache:
         return hit
 
     def put(self, key: tuple, kv: list[tuple[Tensor, Tensor]], logits: Tensor) -> None:
-        if self.capacity <= 0:
+        n = len(key[2])
+        if n > self.capacity or key in self.entries:
             return
         self.entries[key] = (kv, logits.clone())
-        self.entries.move_to_end(key)
-        while len(self.entries) > self.capacity:
-            self.entries.popitem(last=False)
+        self.tokens += n
+        while self.tokens > self.capacity:
+            self._drop(next(iter(self.entries)))
+
+    def _drop(self, key: tuple) -> None:
+        del self.entries[key]
+        self.tokens -= len(key[2])
 
     def drop_adapter(self, name: str) -> None:
         for key in [k for k in self.entries if k[0] == name]:
-            del self.entries[key]
+            self._drop(key)

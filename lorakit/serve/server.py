@@ -45,7 +45,7 @@ class ServeConfig:
     timeout: float = 600.0  # seconds per request
     max_tokens: int = 2048  # the most tokens one request may ask for
     max_body: int = 1 << 20  # bytes
-    prompt_cache: int = 32  # prompts whose KV is kept (keyed by adapter + tokens); 0 = off
+    prompt_cache: int = 4096  # prompt tokens whose KV is kept (keyed by adapter + tokens); 0 = off
     drain_timeout: float = 60.0
 
 
