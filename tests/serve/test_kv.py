@@ -56,3 +56,20 @@ def test_merged_groups_decode_like_each_row_alone():
                 assert (logits[i] - alone).abs().max() < TOL
                 s.append(int(logits[i].argmax()))
         assert batch.width == max(batch.lengths)  # leaving rows' padding columns were dropped
+
+
+def test_prompt_cache_is_bounded_in_tokens_and_keyed_by_adapter_version():
+    from lorakit.serve.kv import PromptCache
+
+    kv = [(torch.zeros(1, 1, 3, 2), torch.zeros(1, 1, 3, 2))]
+    cache = PromptCache(capacity=7)
+    cache.put(("x", 1, (1, 2, 3)), kv, torch.zeros(4))
+    cache.put(("y", 2, (1, 2, 3)), kv, torch.ones(4))
+    assert cache.get(("x", 1, (1, 2, 3))) is not None and cache.get(("x", 3, (1, 2, 3))) is None  # version counts
+    assert torch.equal(cache.get(("y", 2, (1, 2, 3)))[1], torch.ones(4))
+    cache.put(("z", 4, (5, 6, 7)), kv, torch.zeros(4))  # 9 tokens > 7: the least recently used (x) goes
+    assert cache.get(("x", 1, (1, 2, 3))) is None and cache.tokens == 6
+    cache.put(("w", 5, tuple(range(8))), kv, torch.zeros(4))  # longer than the whole budget: not kept
+    assert cache.tokens == 6
+    cache.drop_adapter("y")
+    assert list(cache.entries) == [("z", 4, (5, 6, 7))] and cache.tokens == 3
