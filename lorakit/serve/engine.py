@@ -24,7 +24,7 @@ from torch import nn
 from lorakit.rows import adapter_rows
 
 from .jobs import Job, Seq
-from .kv import GrowingCache, KVBatch, PromptCache, empty_batch, left_pad
+from .kv import GrowingCache, KVBatch, PromptCache, empty_batch, left_pad, stack_right
 from .metrics import Metrics
 from .registry import AdapterRegistry
 from .sampling import next_token
@@ -218,6 +218,7 @@ class Engine:
     # -- admission and prefill ---------------------------------------------------------------------------
     def _admit(self) -> None:
         group: list[Job] = []
+        encode: dict[str, list[Job]] = {}  # embeddings / classify jobs: one forward per kind, adapters mixed
         rows = len(self.running)
         for job in list(self.pending):
             if job.cancelled.is_set():
@@ -233,11 +234,13 @@ class Engine:
                 self.registry.touch(job.adapter)
             if job.kind != "generate":
                 self._dequeue(job)
-                self._encode(job)
+                encode.setdefault(job.kind, []).append(job)
             elif rows + job.n <= self.max_batch or rows == 0:
                 self._dequeue(job)
                 group.append(job)
                 rows += job.n
+        for jobs in encode.values():
+            self._encode(jobs)
         if group:
             self._guarded_prefill(group)
 
@@ -367,21 +370,34 @@ class Engine:
 
     # -- embeddings and classification -------------------------------------------------------------------
     @torch.inference_mode()
-    def _encode(self, job: Job) -> None:
-        """One forward for all inputs of an embeddings or classify job, under the job's adapter."""
+    def _encode(self, jobs: list[Job]) -> None:
+        """One forward for every input of these embeddings (or classify) jobs, each row under its job's adapter;
+        the inputs are right-padded to the widest job."""
+        headless = [j for j in jobs if j.kind == "classify" and not self.registry.heads.get(j.adapter)]
+        for job in headless:
+            self._close(job, ServeError(400, f"adapter {job.adapter!r} has no classification head (its file has no "
+                                             "modules_to_save such as 'classifier'); use /v1/embeddings, or an "
+                                             "adapter trained for classification", param="model", code="wrong_task"))
+        jobs = [j for j in jobs if j not in headless]
+        if not jobs:
+            return
         try:
-            inputs = job.inputs
-            rows = inputs["input_ids"].shape[0]
-            self.metrics.prompt_tokens.labels(job.label).inc(int(inputs["attention_mask"].sum()))
-            with _rows([job.adapter] * rows):
-                if job.kind == "embed":
+            inputs, sizes = stack_right([j.inputs for j in jobs], self.pad_id)
+            names = [j.adapter for j, n in zip(jobs, sizes, strict=True) for _ in range(n)]
+            self.metrics.batch_size.observe(len(names))
+            self.metrics.batch_adapters.observe(len(set(names)))
+            with _rows(names):
+                if jobs[0].kind == "embed":
                     hidden = self.model.base_model(**inputs).last_hidden_state  # (rows, seq, hidden)
                     m = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                     result = (hidden * m).sum(1) / m.sum(1).clamp(min=1)  # mean over real tokens
                 else:
                     result = F.softmax(self.model(**inputs).logits.float(), -1)
-        except Exception as e:  # noqa: BLE001 - fail this job, keep serving
-            self._close(job, ServeError(500, f"{job.kind} failed: {type(e).__name__}: {e}", type="server_error"))
+        except Exception as e:  # noqa: BLE001 - fail these jobs, keep serving
+            for job in jobs:
+                self._close(job, ServeError(500, f"{job.kind} failed: {type(e).__name__}: {e}", type="server_error"))
             return
-        job.emit("result", result.float())
-        self._close(job)
+        for job, part in zip(jobs, result.float().split(sizes), strict=True):
+            self.metrics.prompt_tokens.labels(job.label).inc(int(job.inputs["attention_mask"].sum()))
+            job.emit("result", part)
+            self._close(job)

@@ -14,6 +14,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
@@ -145,6 +146,17 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor, Ten
         ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
         mask[i, width - len(p):] = 1
     return ids, mask, (mask.cumsum(1) - 1).clamp(min=0)
+
+
+def stack_right(batches: list[dict[str, torch.Tensor]], pad_id: int) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """Right-pad tokenizer batches to one width and stack their rows; returns the batch and each one's row count."""
+    width = max(b["input_ids"].shape[1] for b in batches)
+    keys = [k for k in batches[0] if all(k in b for b in batches)]
+    out = {}
+    for k in keys:
+        fill = pad_id if k == "input_ids" else 0
+        out[k] = torch.cat([F.pad(b[k], (0, width - b[k].shape[1]), value=fill) for b in batches], 0)
+    return out, [b["input_ids"].shape[0] for b in batches]
 
 
 class PromptCache:

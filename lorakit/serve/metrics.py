@@ -25,9 +25,10 @@ class Metrics:
                                  registry=r)
         self.queue_depth = Gauge("lorakit_queue_depth", "Requests waiting to start", registry=r)
         self.running = Gauge("lorakit_running_sequences", "Sequences in the running batch", registry=r)
-        self.batch_size = Histogram("lorakit_batch_size", "Rows per decode step", buckets=_BATCH, registry=r)
+        self.batch_size = Histogram("lorakit_batch_size", "Rows per forward (a decode step, or an "
+                                    "embeddings/classify batch)", buckets=_BATCH, registry=r)
         self.batch_adapters = Histogram("lorakit_batch_distinct_adapters", "Distinct adapters (base included) per "
-                                        "decode step", buckets=_BATCH, registry=r)
+                                        "forward", buckets=_BATCH, registry=r)
         self.adapter_hits = Counter("lorakit_adapter_cache_hits", "Requests whose adapter was loaded", registry=r)
         self.adapter_misses = Counter("lorakit_adapter_cache_misses", "Requests that had to load their adapter",
                                       registry=r)

@@ -67,6 +67,7 @@ class AdapterRegistry:
         self.extra: dict[str, Path] = {}  # registered with /v1/load_lora_adapter
         self.loaded: OrderedDict[str, int] = OrderedDict()  # name -> version (a new one per install), LRU first
         self.labels: dict[str, list[str] | None] = {}
+        self.heads: dict[str, bool] = {}  # name -> its file saves full modules (a classification head)
         self.bytes: dict[str, int] = {}  # name -> bytes of its tensors in the model
         self.lock = threading.Lock()  # guards extra/loaded for readers on the API threads
         self._version = 0
@@ -144,6 +145,7 @@ class AdapterRegistry:
         with self.lock:
             self.loaded[planned.name] = self._version
         self.labels[planned.name] = planned.labels
+        self.heads[planned.name] = bool(planned.plan.saved)
         self.bytes[planned.name] = adapter_bytes(model, planned.name)
 
     def touch(self, name: str) -> None:
@@ -157,6 +159,7 @@ class AdapterRegistry:
         with self.lock:
             self.loaded.pop(name, None)
         self.bytes.pop(name, None)
+        self.heads.pop(name, None)
         return freed
 
     def evictable(self, in_use: set[str]) -> list[str]:

@@ -16,7 +16,7 @@ from tests.serve.conftest import start
 TEXTS = ["a gripping , beautifully acted film .", "a dull mess .", "fine"]
 
 
-def save_classifier_adapter(bert_dir: str, out, seed: int, bias: str = "none") -> None:
+def save_classifier_adapter(bert_dir: str, out, seed: int, bias: str = "none", head: bool = True) -> None:
     from transformers import AutoModelForSequenceClassification
 
     import lorakit
@@ -24,7 +24,7 @@ def save_classifier_adapter(bert_dir: str, out, seed: int, bias: str = "none") -
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(bert_dir, num_labels=2)
     lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, targets=["query", "value"],
-                                             modules_to_save=["classifier"], bias=bias))
+                                             modules_to_save=["classifier"] if head else [], bias=bias))
     randomize_adapters(model, std=0.3, seed=seed)
     lorakit.save_adapter(model, out)
 
@@ -35,6 +35,7 @@ def enc(bert_dir, tmp_path_factory):
     save_classifier_adapter(bert_dir, root / "c0", 1)
     save_classifier_adapter(bert_dir, root / "run1" / "adapter", 2)  # a `lorakit train` run directory
     save_classifier_adapter(bert_dir, root / "biased", 3, bias="all")
+    save_classifier_adapter(bert_dir, root / "nohead", 4, head=False)
     (root / "run1" / "task.json").write_text(json.dumps({"kind": "classification", "labels": ["neg", "pos"]}))
     s = start(bert_dir, root)
     s.adapters_root = root
@@ -116,3 +117,41 @@ def test_an_adapter_that_trains_shared_biases_is_refused(enc):
     assert r.status_code == 400 and r.json()["error"]["code"] == "adapter_invalid"
     assert "bias='all'" in r.json()["error"]["message"]
     assert httpx.post(f"{enc.url}/classify", json={"model": "c0", "input": "x"}, timeout=30).status_code == 200
+
+
+def test_concurrent_classify_requests_share_forwards_and_stay_apart(enc, bert_dir):
+    """Requests for different adapters arriving together are stacked into one forward (rows per adapter);
+    each answer equals PEFT with that request's adapter alone."""
+    import asyncio
+
+    want = {}
+    for name in ("c0", "run1"):
+        path = enc.adapters_root / name / ("adapter" if name == "run1" else "")
+        with torch.no_grad():
+            want[name] = torch.softmax(peft_model(bert_dir, path)(**tokens(bert_dir, TEXTS)).logits, -1)
+
+    async def main():
+        async with httpx.AsyncClient(timeout=30) as client:
+            work = [("c0", i) if k % 2 else ("run1", i) for k in range(12) for i in [k % 3]]
+            rs = await asyncio.gather(*[client.post(f"{enc.url}/classify", json={"model": m, "input": TEXTS[i]})
+                                        for m, i in work])
+            return work, [r.json()["data"][0]["probs"] for r in rs]
+
+    def distinct() -> tuple[float, float]:
+        lines = httpx.get(f"{enc.root}/metrics").text.splitlines()
+        get = lambda k: float(next(x.split()[-1] for x in lines if x.startswith(k)))  # noqa: E731
+        return get("lorakit_batch_distinct_adapters_sum"), get("lorakit_batch_distinct_adapters_count")
+
+    before = distinct()
+    work, probs = asyncio.run(main())
+    after = distinct()
+    assert after[0] - before[0] > after[1] - before[1], "no forward mixed the two adapters"
+    for (name, i), p in zip(work, probs, strict=True):
+        torch.testing.assert_close(torch.tensor(p), want[name][i], rtol=1e-5, atol=1e-5)
+
+
+def test_classify_with_an_adapter_without_a_head_is_400(enc):
+    r = httpx.post(f"{enc.url}/classify", json={"model": "nohead", "input": "x"}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "wrong_task" and "head" in r.json()["error"]["message"]
+    e = openai.OpenAI(base_url=enc.url, api_key="x").embeddings.create(model="nohead", input="x")
+    assert len(e.data[0].embedding) == 32  # embeddings work with it
