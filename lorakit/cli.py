@@ -172,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", default=None, help="output directory (default: runs/experiments/NAME)")
     ex.add_argument("--model", default=None, help="base model directory instead of the experiment's (MiniLM, SmolLM2)")
     ex.add_argument("--seeds", type=int, default=None, help="seeds per configuration (default: the experiment's)")
+    from lorakit.serve.flags import add_serve_flags
+
+    add_serve_flags(sub.add_parser("serve", help="OpenAI-compatible server: one base, many adapters per request"))
     dm = sub.add_parser("demo", help="train SST-2 LoRA on the bundled MiniLM with the defaults, then classify")
     dm.add_argument("--out", default="runs/demo")
     dm.add_argument("--max_steps", "--max-steps", type=int, default=0, help="a smaller budget; 0 = the full recipe")
@@ -274,8 +277,15 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     print(f"try: lorakit predict --adapter {result.adapter_dir} \"an utterly charming film .\"")
 
 
+def _cmd_serve(args: argparse.Namespace) -> None:
+    from lorakit.serve.flags import config_from_flags
+    from lorakit.serve.server import run
+
+    run(config_from_flags(args))
+
+
 COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "merge": _cmd_merge,
-            "inspect": _cmd_inspect, "experiment": _cmd_experiment, "demo": _cmd_demo}
+            "inspect": _cmd_inspect, "experiment": _cmd_experiment, "serve": _cmd_serve, "demo": _cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -72,6 +72,25 @@ def minilm_tokenizer():
     return AutoTokenizer.from_pretrained(minilm_path())
 
 
+@pytest.fixture(scope="session")
+def smollm2_dir() -> str:
+    """The real SmolLM2-135M-Instruct, converted once (~25 s) into lorakit's cache ($LORAKIT_CACHE or
+    ~/.cache/lorakit) and reused by every test and every later run; a clean CI machine converts it once."""
+    from lorakit.models import resolve_model
+
+    return resolve_model("smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_dir):
+    """(model, tokenizer) of the converted SmolLM2, fp32, eval mode; shared: tests must not mutate it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    return AutoModelForCausalLM.from_pretrained(smollm2_dir).eval(), AutoTokenizer.from_pretrained(smollm2_dir)
+
+
 def model_state(model) -> dict:
     """Everything a verb may change, by value: modules (repr and types by path), state_dict, adapter configs,
     active and merged adapters and their names per layer, requires_grad of every parameter, train/eval flags."""

@@ -209,3 +209,17 @@ def test_gradient_checkpointing_gives_the_same_gradients(p):
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_mixed_batch_with_many_adapters_takes_the_stacked_path():
+    """12 adapters of different ranks in one batch (the stacked-ranks kernel), 3-d x, base rows: the reference."""
+    g = torch.Generator().manual_seed(5)
+    As = [torch.randn(2 + k % 3, 6, generator=g) for k in range(12)]
+    Bs = [torch.randn(4, A.shape[0], generator=g) for A in As]
+    scales = [0.5 + k for k in range(12)]
+    ids = torch.tensor([k % 13 - 1 for k in range(26)])  # every adapter twice, and base rows (-1)
+    x = torch.randn(26, 3, 6, generator=g)
+    out = mixed_lora_delta(x, ids, As, Bs, scales)
+    for i, k in enumerate(ids.tolist()):
+        expect = torch.zeros(3, 4) if k < 0 else x[i] @ As[k].T @ Bs[k].T * scales[k]
+        torch.testing.assert_close(out[i], expect, rtol=1e-5, atol=1e-5)

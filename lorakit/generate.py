@@ -1,0 +1,115 @@
+"""Text generation with or without adapters, on transformers' `generate`.
+
+    texts = generate(model, tokenizer, ["name : Zizzi | eatType : pub ||"], max_new_tokens=64)
+
+The model is whatever the caller built: a bare base, a base with an unmerged lorakit adapter (the LoRA
+layers run in the forward), or a merged one (`lorakit.merge`). lorakit adds only what `generate` leaves to
+its caller: left padding so every row's last prompt token sits at the end, batches sorted by length (and
+the results put back in prompt order), the chat template for instruct models, stop strings trimmed from
+the returned text, and a sampling seed that leaves the global RNG as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+Messages = list[dict[str, str]]
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def render_prompts(tokenizer, prompts: Sequence[str | Messages], chat: bool) -> list[str]:
+    """The exact text each prompt becomes. chat=True: the tokenizer's chat template with the assistant's
+    generation prompt (a string prompt is one user message); chat=False: the string as is."""
+    if not chat:
+        bad = [p for p in prompts if not isinstance(p, str)]
+        if bad:
+            raise ValueError(f"chat=False takes string prompts, got {type(bad[0]).__name__}; pass chat=True for "
+                             "message lists")
+        return list(prompts)
+    if not has_chat_template(tokenizer):
+        raise ValueError(f"chat=True but tokenizer {type(tokenizer).__name__} has no chat template; pass "
+                         "chat=False (plain prompts) or use an instruct model's tokenizer")
+    convs = [[{"role": "user", "content": p}] if isinstance(p, str) else list(p) for p in prompts]
+    return [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in convs]
+
+
+def trim_stop(text: str, stop: Sequence[str]) -> str:
+    """`text` up to (not including) the earliest occurrence of any stop string."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+@contextmanager
+def _left_padding(tokenizer):
+    """Pad on the left (decoder-only: new tokens follow every row's own last prompt token), with eos as
+    the pad token where there is none (GPT-2); the tokenizer is restored afterwards."""
+    side, pad = tokenizer.padding_side, tokenizer.pad_token
+    tokenizer.padding_side = "left"
+    if pad is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        yield
+    finally:
+        tokenizer.padding_side = side
+        if pad is None:
+            tokenizer.pad_token = None
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tokenizer, prompts: Sequence[str | Messages], *, max_new_tokens: int = 128,
+             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, num_beams: int = 1,
+             stop: Sequence[str] = (), chat: bool | None = None, batch_size: int = 8, seed: int = 0) -> list[str]:
+    """The completion of every prompt (new text only, special tokens dropped, cut at the first stop string).
+
+    chat: None = use the chat template when the tokenizer has one. Plain prompts are tokenized without
+    special tokens, exactly as lorakit's causal-LM training tokenizes them. Greedy by default; beam search
+    with num_beams > 1; sampling with do_sample (temperature, top_p, seeded by `seed`). Rows are decoded
+    in batches of `batch_size`, sorted by prompt length (less padding), with the KV cache.
+    """
+    if max_new_tokens < 1 or batch_size < 1 or num_beams < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}, batch_size={batch_size}, num_beams={num_beams}: "
+                         "each must be >= 1")
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    texts = render_prompts(tokenizer, prompts, has_chat_template(tokenizer) if chat is None else chat)
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer {type(tokenizer).__name__} has neither a pad nor an eos token; set "
+                         "tokenizer.pad_token first")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    options = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "num_beams": num_beams,
+               "pad_token_id": pad_id, "eos_token_id": tokenizer.eos_token_id}
+    if do_sample:
+        options |= {"temperature": temperature, "top_p": top_p}
+    else:  # a checkpoint's generation_config may carry sampling values; greedy must not warn about them
+        options |= {"temperature": None, "top_p": None, "top_k": None}
+    if stop:
+        options |= {"stop_strings": list(stop), "tokenizer": tokenizer}
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+    out: list[str] = [""] * len(texts)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        with _left_padding(tokenizer), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for start in range(0, len(order), batch_size):
+                rows = order[start:start + batch_size]
+                enc = tokenizer([texts[i] for i in rows], add_special_tokens=False, padding=True,
+                                return_tensors="pt").to(device)
+                ids = model.generate(**enc, **options)[:, enc["input_ids"].shape[1]:]  # (rows, new)
+                for i, row in zip(rows, ids, strict=True):
+                    out[i] = trim_stop(tokenizer.decode(row, skip_special_tokens=True), stop)
+    finally:
+        model.train(was_training)
+    return out
+
+
+__all__ = ["generate", "has_chat_template", "render_prompts", "trim_stop"]
