@@ -41,6 +41,21 @@ def test_rows_equal_each_adapter_alone_and_nothing_is_written_on_the_layers():
         torch.testing.assert_close(mixed[i:i + 1], _alone(model, name, IDS[i:i + 1]), rtol=1e-5, atol=1e-5)
 
 
+def test_many_distinct_adapters_take_the_stacked_kernel_and_equal_each_alone():
+    # > 8 distinct adapters in one batch switch the layer to the stacked-ranks kernel: still row i == alone.
+    model = make_tiny("llama")
+    names = [f"t{k}" for k in range(10)]
+    for k, name in enumerate(names):
+        inject(model, LoraConfig(r=1 + k % 3, targets=["q_proj", "v_proj"]), name)
+        randomize_adapters(model, name, seed=10 + k, std=0.3)
+    rows = names + [None, "t3"]
+    ids = torch.randint(0, 90, (len(rows), 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), per_row_adapters(model, rows):
+        mixed = model(input_ids=ids).logits
+    for i, name in enumerate(rows):
+        torch.testing.assert_close(mixed[i:i + 1], _alone(model, name, ids[i:i + 1]), rtol=1e-5, atol=1e-5)
+
+
 def test_low_level_ids_form_and_its_checks():
     model = _two_adapter_llama()
     with torch.no_grad(), adapter_rows(["a", "b"], torch.tensor([1, -1, 0])):
