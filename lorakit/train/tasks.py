@@ -52,9 +52,16 @@ def _quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
+def local_model_dir(model_dir: str | Path) -> str | Path:
+    """A bundled model's name (`smollm2`, `minilm`: lorakit.models) as its local directory; paths unchanged."""
+    from lorakit.models import BUNDLED, resolve_model
+
+    return resolve_model(model_dir) if str(model_dir) in BUNDLED else model_dir
+
+
 def check_model_dir(model_dir: str | Path, kind: str) -> dict:
     """The model's config.json, after checking that the directory exists and suits the task kind."""
-    path = Path(model_dir)
+    path = Path(local_model_dir(model_dir))
     if not (path / "config.json").is_file():
         raise LoraConfigError(f"model={str(model_dir)!r}: no config.json there; expected a Hugging Face model "
                               "directory (save_pretrained output), or leave --model out for the bundled MiniLM")
@@ -74,6 +81,7 @@ def load_model(model_dir: str | Path, kind: str, labels: list[str]) -> nn.Module
     if kind not in KINDS:
         raise LoraConfigError(f"kind={kind!r}: expected one of {KINDS}")
     check_model_dir(model_dir, kind)
+    model_dir = local_model_dir(model_dir)
     _quiet_transformers()
     auto = {"classification": tf.AutoModelForSequenceClassification,
             "token_classification": tf.AutoModelForTokenClassification, "causal_lm": tf.AutoModelForCausalLM}[kind]
@@ -92,7 +100,7 @@ def load_tokenizer(model_dir: str | Path):
     from transformers import AutoTokenizer
 
     _quiet_transformers()
-    return AutoTokenizer.from_pretrained(str(model_dir))
+    return AutoTokenizer.from_pretrained(str(local_model_dir(model_dir)))
 
 
 def model_inputs(batch: dict[str, Tensor], kind: str) -> dict[str, Tensor]:
