@@ -1,4 +1,4 @@
-"""`lorakit train | eval | predict | merge | inspect | demo`.
+"""`lorakit train | eval | predict | generate | merge | inspect | demo`.
 
 `train`'s flags are TrainConfig's fields, one to one (`--max_steps 100` or `--max-steps 100`), with the
 field's docstring line as help. Errors lorakit raises on bad input print as one line and exit with 2.
@@ -14,7 +14,7 @@ from dataclasses import MISSING, fields
 from typing import get_type_hints
 
 from lorakit.errors import LoraError
-from lorakit.train.config import TrainConfig, field_help
+from lorakit.train.config import TrainConfig, field_help, with_recipe
 from lorakit.train.readers import DataError
 
 DEMO_SENTENCES = ["a gripping , beautifully acted film that stays with you .",
@@ -42,10 +42,22 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(*names, **kwargs)
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
+def given_fields(argv: list[str]) -> set[str]:
+    """The TrainConfig fields set explicitly on a `train` command line (argv after the word `train`)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    _add_config_flags(parser)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_known_args(argv)[0]))
+
+
+def config_from_args(args: argparse.Namespace, given: set[str] | None = None) -> TrainConfig:
     """A TrainConfig from parsed `train` flags; `--targets all-linear` or a regex becomes a string spec,
-    `--targets default` the architecture's q, v (None)."""
+    `--targets default` the architecture's q, v (None). With `given` (the flags on the command line), the
+    task's recipe (train.config.RECIPES, e.g. e2e on SmolLM2) fills every field not given."""
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
+    if given is not None:
+        values = with_recipe(values, given)
     targets = values["targets"]
     if targets == ["default"]:
         values["targets"] = None
@@ -65,7 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--task", default=None, help="task name (default: the run's task)")
     ev.add_argument("--model", default=None, help="base model directory (default: the run's base)")
     ev.add_argument("--dev_limit", "--dev-limit", type=int, default=0, help="first N dev examples; 0 = all")
-    ev.add_argument("--batch_size", "--batch-size", type=int, default=64)
+    ev.add_argument("--batch_size", "--batch-size", type=int, default=None,
+                    help="examples per forward (default 64; E2E generation: 16)")
+    _add_e2e_eval_flags(ev)
+    _add_generate_parser(sub)
     pr = sub.add_parser("predict", help="predict raw texts with a trained adapter")
     pr.add_argument("--adapter", required=True, help="RUN/adapter of a finished `lorakit train` run")
     pr.add_argument("--model", default=None, help="base model directory (default: the run's base)")
@@ -88,14 +103,46 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_train(args: argparse.Namespace) -> None:
     from lorakit.train.loop import train
 
-    train(config_from_args(args))
+    train(config_from_args(args, given_fields(args.argv[args.argv.index("train") + 1:])))
+
+
+def _add_e2e_eval_flags(ev: argparse.ArgumentParser) -> None:
+    ev.description = ("--data FILE (an E2E MR||reference file such as lorakit/data/e2e/test.txt) with a causal-LM "
+                      "run: generate one text per MR and print BLEU, NIST, METEOR, ROUGE-L, CIDEr.")
+    ev.add_argument("--limit", type=int, default=0, help="E2E: first N MRs only (a quick check); 0 = all")
+    ev.add_argument("--num_beams", "--num-beams", type=int, default=1, help="E2E: 1 = greedy (default)")
+    ev.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=80, help="E2E: per output")
+    ev.add_argument("--out", default=None, help="E2E: where outputs.txt and scores.json go "
+                    "(default: RUN/eval-<data file name>)")
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
     from lorakit.train.inference import evaluate_adapter
 
-    metrics = evaluate_adapter(args.adapter, args.data, args.task, args.model, args.dev_limit, args.batch_size)
+    if args.data is not None and Path(args.data).is_file():
+        return _cmd_eval_e2e(args)
+    metrics = evaluate_adapter(args.adapter, args.data, args.task, args.model, args.dev_limit, args.batch_size or 64)
     print(json.dumps(metrics))
+
+
+def _cmd_eval_e2e(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from lorakit.adapters import merge
+    from lorakit.e2e import evaluate_e2e, report
+    from lorakit.train.inference import load_trained
+
+    model, tokenizer, info = load_trained(args.adapter, args.model)
+    merge(model)  # LoRA folded into the weights: the same outputs at the base model's decoding speed
+    if info["kind"] != "causal_lm":
+        raise DataError(f"--data {args.data}: a file means E2E generation, but {args.adapter} is a {info['kind']} run; "
+                        "pass a data directory to evaluate it on its task")
+    out = args.out or Path(args.adapter).parent / f"eval-{Path(args.data).stem}"
+    result = evaluate_e2e(model, tokenizer, args.data, limit=args.limit, batch_size=args.batch_size or 16,
+                          num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, out_dir=out)
+    print(report(result))
 
 
 def _format_prediction(pred: dict, names: dict[str, str] | None = None) -> str:
@@ -152,13 +199,47 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     print(f"try: lorakit predict --adapter {result.adapter_dir} \"an utterly charming film .\"")
 
 
-COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "merge": _cmd_merge,
-            "inspect": _cmd_inspect, "demo": _cmd_demo}
+def _add_generate_parser(sub) -> None:
+    gen = sub.add_parser("generate", help="generate text with a causal LM: bare, with an adapter, or merged")
+    gen.add_argument("prompts", nargs="+", help="one or more prompts (batched together)")
+    gen.add_argument("--model", default=None, help="model directory or bundled name (default: the adapter's base, "
+                     "else smollm2)")
+    gen.add_argument("--adapter", default=None, help="RUN/adapter of a `lorakit train` run, or a PEFT adapter dir")
+    gen.add_argument("--merge", action="store_true", help="merge the LoRA adapter into the weights first")
+    gen.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=128)
+    gen.add_argument("--num_beams", "--num-beams", type=int, default=1, help="1 = greedy or sampling")
+    gen.add_argument("--do_sample", "--do-sample", action="store_true", help="sample instead of greedy")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top_p", "--top-p", type=float, default=1.0)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable); trimmed from the output")
+    gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                     help="apply the chat template (default: if the tokenizer has one and the run is not plain LM)")
+    gen.add_argument("--batch_size", "--batch-size", type=int, default=8)
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    from lorakit.generate import generate, load_for_generation
+    from lorakit.train.data import LM_SEPARATOR
+
+    model, tokenizer, plain = load_for_generation(args.model, args.adapter, args.merge)
+    prompts = [p + LM_SEPARATOR for p in args.prompts] if plain else args.prompts
+    chat = False if plain and args.chat is None else args.chat
+    texts = generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                     temperature=args.temperature, top_p=args.top_p, num_beams=args.num_beams, stop=args.stop,
+                     chat=chat, batch_size=args.batch_size, seed=args.seed)
+    for i, text in enumerate(texts):
+        print(("" if len(texts) == 1 else f"[{i}] ") + text.strip())
+
+
+COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate, "predict": _cmd_predict,
+            "merge": _cmd_merge, "inspect": _cmd_inspect, "demo": _cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; lorakit's own errors (bad config, data, adapter files) print one line, exit 2."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # which train flags were given (recipes)
     try:
         COMMANDS[args.command](args)
     except (LoraError, DataError) as e:
