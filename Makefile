@@ -31,6 +31,7 @@ test: install
 bench: install
 	$(BIN)/python benchmarks/train_step.py --dropout 0.0
 	$(BIN)/python benchmarks/train_step.py --dropout 0.1
+	$(BIN)/python benchmarks/generate_speed.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
