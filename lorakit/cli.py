@@ -163,11 +163,12 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 def _cmd_merge(args: argparse.Namespace) -> None:
     from lorakit.adapter_file import read_adapter
     from lorakit.export import export_merged
+    from lorakit.train.tasks import local_model_dir
 
     base = args.model or read_adapter(args.adapter).config.base_model_name_or_path
     if not base:
         raise DataError(f"{args.adapter}: the adapter names no base model; pass --base DIR")
-    print(export_merged(base, args.adapter, args.out, args.task))
+    print(export_merged(local_model_dir(base), args.adapter, args.out, args.task))  # `smollm2` -> its directory
 
 
 def _cmd_inspect(args: argparse.Namespace) -> None:
