@@ -19,8 +19,8 @@ from lorakit.e2e_metrics import METRICS, e2e_scores, format_scores, group_by_mr
 from lorakit.generate import generate
 from lorakit.train.data import LM_SEPARATOR
 
-INSTRUCTION = ("Write one fluent sentence describing this restaurant, using every attribute below and nothing "
-               "else.\nAttributes: {mr}")
+INSTRUCTION = ("Write one short, plain sentence about this restaurant that states every attribute below and "
+               "adds nothing else.\nAttributes: {mr}")
 PROMPT_STYLES = ("plain", "instruct")
 
 

@@ -117,8 +117,8 @@ def coco_metrics(hyps: list[str], refs: list[list[str]]) -> dict[str, float]:
     tokenizer = PTBTokenizer()
     gts = tokenizer.tokenize({i: [{"caption": r} for r in rs] for i, rs in enumerate(refs)})
     res = tokenizer.tokenize({i: [{"caption": h}] for i, h in enumerate(hyps)})
-    return {"METEOR": _get_meteor().compute_score(gts, res)[0], "ROUGE_L": Rouge().compute_score(gts, res)[0],
-            "CIDEr": Cider().compute_score(gts, res)[0]}
+    return {"METEOR": float(_get_meteor().compute_score(gts, res)[0]),
+            "ROUGE_L": float(Rouge().compute_score(gts, res)[0]), "CIDEr": float(Cider().compute_score(gts, res)[0])}
 
 
 def e2e_scores(hyps: list[str], refs: list[list[str]]) -> tuple[dict[str, float | None], list[str]]:
