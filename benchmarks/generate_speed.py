@@ -39,9 +39,10 @@ def make_adapter(model_dir: str, out: str, seed: int = 0) -> None:
     import torch
 
     from lorakit import LoraConfig, inject, save_adapter
-    from lorakit.train.tasks import load_model
+    from lorakit.train.tasks import load_model, resolve_model_path
 
-    model = inject(load_model(model_dir, "causal_lm", []), LoraConfig(r=8, alpha=16, targets="all-linear"))
+    model = load_model(resolve_model_path(model_dir), "causal_lm", [])
+    inject(model, LoraConfig(r=8, alpha=16, targets="all-linear"))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -55,9 +56,10 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from lorakit.train.tasks import load_model, load_tokenizer
+    from lorakit.train.tasks import load_model, load_tokenizer, resolve_model_path
 
-    model, tok = load_model(args.model, "causal_lm", []).eval(), load_tokenizer(args.model)
+    path = resolve_model_path(args.model)
+    model, tok = load_model(path, "causal_lm", []).eval(), load_tokenizer(path)
     if args.mode in ("unmerged", "merged"):
         from lorakit import load_adapter, merge
 

@@ -50,17 +50,18 @@ def _lorakit(args: list[str]) -> str:
 
 def _bias_free(model: str) -> bool:
     """True if the base model has no bias parameters at all (BitFit would train nothing)."""
-    from lorakit.train.tasks import local_model_dir
+    from lorakit.train.tasks import resolve_model_path
 
-    config = json.loads((Path(local_model_dir(model)) / "config.json").read_text())
+    config = json.loads((Path(resolve_model_path(model)) / "config.json").read_text())
     return config.get("model_type") == "llama" and not config.get("attention_bias") and not config.get("mlp_bias")
 
 
 def zero_shot(args: argparse.Namespace, out: Path) -> dict:
     from lorakit.e2e import evaluate_e2e
-    from lorakit.train.tasks import load_model, load_tokenizer
+    from lorakit.train.tasks import load_model, load_tokenizer, resolve_model_path
 
-    model, tokenizer = load_model(args.model, "causal_lm", []), load_tokenizer(args.model)
+    path = resolve_model_path(args.model)
+    model, tokenizer = load_model(path, "causal_lm", []), load_tokenizer(path)
     res = evaluate_e2e(model, tokenizer, TEST, style="instruct", limit=args.limit, batch_size=args.batch_size,
                        num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, out_dir=out / "eval-test")
     return {"trainable": 0, "train_s": 0.0, "peak_mib": None, "scores": res.scores, "generate_s": res.generate_s}

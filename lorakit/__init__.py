@@ -3,6 +3,9 @@
     model = inject(model, LoraConfig(r=8, alpha=16))   # h = W0·x + (α/r)·B·A·x on the targets
 """
 
+import sys as _sys
+
+from . import injection as _injection
 from .adapters import (
     active_adapters,
     combine,
@@ -16,13 +19,18 @@ from .adapters import (
 )
 from .config import LoraConfig
 from .errors import AdapterFileError, AdapterNotFound, LoraConfigError, LoraError, LoraStateError
-from .inject import count_parameters, inject, parameter_table, select
+from .injection import count_parameters, inject, lora_modules, parameter_table, select
 from .io import load_adapter, save_adapter
+from .rows import adapter_rows
+
+# The module was lorakit/inject.py, whose name the function `inject` shadows; it is lorakit/injection.py now.
+# Old `from lorakit.inject import ...` lines keep working through this alias (to be removed).
+_sys.modules.setdefault(__name__ + ".inject", _injection)
 
 __all__ = [
     "AdapterFileError", "AdapterNotFound", "LoraConfig", "LoraConfigError", "LoraError", "LoraStateError",
-    "active_adapters", "combine", "count_parameters", "delete_adapter", "disabled", "inject", "load_adapter",
-    "merge", "merge_and_unload", "per_row_adapters", "parameter_table", "save_adapter", "select", "set_adapter",
-    "unmerge",
+    "active_adapters", "adapter_rows", "combine", "count_parameters", "delete_adapter", "disabled", "inject",
+    "load_adapter", "lora_modules", "merge", "merge_and_unload", "per_row_adapters", "parameter_table",
+    "save_adapter", "select", "set_adapter", "unmerge",
 ]
 __version__ = "0.1.0"

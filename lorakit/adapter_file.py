@@ -29,13 +29,15 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own bound
 MAX_CONFIG_BYTES = 2**20
+MAX_WEIGHTS_BYTES = 4 * 2**30  # default cap on adapter_model.safetensors, checked before reading it
 MAX_NAME = 300  # characters in a module path: bounds the regex work of rank/alpha patterns on file names
 FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 OTHER_DTYPES = {"I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                 "U8": torch.uint8, "BOOL": torch.bool}
+# is_embedding -> the (A, B) key suffixes; equal to the layers' `file_keys`
+LORA_KEYS = {False: (".lora_A.weight", ".lora_B.weight"), True: (".lora_embedding_A", ".lora_embedding_B")}
 # file key suffix -> (factor, is_embedding)
-LORA_SUFFIXES = {".lora_A.weight": ("A", False), ".lora_B.weight": ("B", False),
-                 ".lora_embedding_A": ("A", True), ".lora_embedding_B": ("B", True)}
+LORA_SUFFIXES = {key: (f, emb) for emb, keys in LORA_KEYS.items() for f, key in zip("AB", keys, strict=True)}
 
 # PEFT options lorakit does not implement, with the values that mean "off"; any other value is refused.
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
@@ -147,8 +149,11 @@ def from_peft_dict(data: Any, source: str | Path = CONFIG_NAME) -> LoraConfig:
     kwargs["modules_to_save"] = list(dict.fromkeys(kwargs.get("modules_to_save") or ()))
     try:
         return LoraConfig(**kwargs)
-    except LoraConfigError as e:
-        raise AdapterFileError(f"{source}: {e}") from None
+    except LoraConfigError as e:  # PEFT's field names: "alpha=-1: ..." -> "field 'lora_alpha': -1: ..."
+        peft_key = {name: key for key, (name, _, _) in FIELDS.items()}
+        lines = [re.sub(r"^(\s*- )?(\w+)(\[[^\]]*\])?=", lambda m: f"{m[1] or ''}field '{peft_key.get(m[2], m[2])}"
+                        f"{m[3] or ''}': ", line) for line in str(e).splitlines()]
+        raise AdapterFileError(f"{source}: " + "\n".join(lines)) from None
 
 
 def to_peft_dict(config: LoraConfig, target_modules: list[str] | str, ranks: dict[str, int],
@@ -253,12 +258,21 @@ class AdapterFile:
     size: int  # bytes of the weights file
 
 
-def read_adapter(path: str | Path) -> AdapterFile:
-    """Read and validate an adapter directory without a model (no pickle, ever)."""
+def read_adapter(path: str | Path, max_bytes: int = MAX_WEIGHTS_BYTES) -> AdapterFile:
+    """Read and validate an adapter directory without a model (no pickle, ever).
+
+    The weights file is refused before it is read if it is over `max_bytes`; files that are symlinks to
+    somewhere outside the directory are refused.
+    """
     path = Path(path)
     cfg_file, weights = path / CONFIG_NAME, path / WEIGHTS_NAME
     if not path.is_dir():
         raise AdapterFileError(f"{path}: not a directory; expected a folder with {CONFIG_NAME} and {WEIGHTS_NAME}")
+    root = path.resolve()
+    for f in (cfg_file, weights):
+        if f.is_symlink() and not f.resolve().is_relative_to(root):
+            raise AdapterFileError(f"{f}: a symlink to {f.resolve()}, outside the adapter directory; refusing it — "
+                                   "copy the file into the directory")
     if not weights.is_file():
         if (path / "adapter_model.bin").exists():
             raise AdapterFileError(
@@ -274,7 +288,14 @@ def read_adapter(path: str | Path) -> AdapterFile:
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise AdapterFileError(f"{cfg_file}: not valid JSON ({str(e)[:100]})") from None
     config = from_peft_dict(raw, cfg_file)
-    data = weights.read_bytes()
+    size = weights.stat().st_size
+    if size > max_bytes:
+        raise AdapterFileError(f"{weights}: {size:,} bytes, over the {max_bytes:,}-byte cap; an adapter is usually a "
+                               "few MB — pass max_bytes=... to load a larger one you trust")
+    with open(weights, "rb") as fh:
+        data = fh.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise AdapterFileError(f"{weights}: grew past the {max_bytes:,}-byte cap while being read; refusing it")
     tensors = parse_safetensors(data, weights)
     lora, other = _split_keys(tensors, weights)
     return AdapterFile(path, config, raw, lora, other, len(data))

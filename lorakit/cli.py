@@ -1,20 +1,23 @@
 """`lorakit train | eval | predict | generate | merge | inspect | demo`.
 
 `train`'s flags are TrainConfig's fields, one to one (`--max_steps 100` or `--max-steps 100`), with the
-field's docstring line as help. Errors lorakit raises on bad input print as one line and exit with 2.
+field's docstring line as help, plus the Hugging Face TrainingArguments / PEFT spellings that mean the same
+thing (TRAIN_ALIASES, HF_FLAGS). Errors lorakit raises on bad input print as one line and exit with 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import re
 import sys
 from dataclasses import MISSING, fields
 from typing import get_type_hints
 
-from lorakit.errors import LoraError
-from lorakit.train.config import TrainConfig, field_help, with_recipe
+from lorakit.errors import LoraConfigError, LoraError
+from lorakit.train.config import METHOD_RECIPES, TrainConfig, field_help, with_recipe
 from lorakit.train.readers import DataError
 
 DEMO_SENTENCES = ["a gripping , beautifully acted film that stays with you .",
@@ -22,24 +25,99 @@ DEMO_SENTENCES = ["a gripping , beautifully acted film that stays with you .",
                   "the plot is thin , but the performances make it worth seeing ."]
 _REGEX_CHARS = re.compile(r"[*+?()\[\]|^$\\]")
 
+# Other spellings of TrainConfig fields that mean exactly the same: Hugging Face TrainingArguments' and
+# PEFT LoraConfig's (as in HF's example scripts). `--learning_rate 2e-4` is `--lr 2e-4`.
+TRAIN_ALIASES = {
+    "model": ["model_name_or_path"],
+    "out": ["output_dir"],
+    "lr": ["learning_rate"],
+    "epochs": ["num_train_epochs"],
+    "grad_accum": ["gradient_accumulation_steps"],
+    "eval_batch_size": ["per_device_eval_batch_size"],  # evaluation is per process: each rank scores its share
+    "eval_every": ["eval_steps"],
+    "checkpoint_every": ["save_steps"],
+    "alpha": ["lora_alpha"],
+    "dropout": ["lora_dropout"],
+    "targets": ["target_modules"],
+}
+# HF's lr_scheduler_type values that have a lorakit schedule (HF's "constant" skips the warmup: no match).
+HF_SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant_with_warmup": "constant"}
+
+
+def _int(text: str) -> int:
+    """An integer flag value; "3.0" (HF's float num_train_epochs) is accepted as 3, "2.5" is not."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value.is_integer():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number")
+    return int(value)
+
+
+def _hf_schedule(text: str) -> str:
+    if text not in HF_SCHEDULES:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: lorakit has {', '.join(HF_SCHEDULES)} (constant_with_warmup = --schedule constant); for "
+            "HF's 'constant' (no warmup) use --schedule constant --warmup_ratio 0")
+    return HF_SCHEDULES[text]
+
+
+def _hf_warmup(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: lorakit's warmup is a fraction of the steps; pass a value in [0, 1) "
+                                         "(as HF's warmup_steps < 1 or --warmup_ratio)")
+    return value
+
+
+def _flag_help(name: str, text: str, default) -> str:
+    if name in ("lr", "batch_size"):
+        recipes = ", ".join(f"{m} {r[name]:g}" for m, r in METHOD_RECIPES.items())
+        return f"{text} (default: the method's recipe: {recipes})"
+    return f"{text} (default: {default})"
+
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field; the type comes from the annotation, the help from the docstring."""
+    """One flag per TrainConfig field (+ its TRAIN_ALIASES); the type comes from the annotation, the help from
+    the docstring."""
     hints, helps = get_type_hints(TrainConfig), field_help()
     for f in fields(TrainConfig):
         hint = str(hints[f.name])
-        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        spellings = [f.name, *TRAIN_ALIASES.get(f.name, [])]
+        names = [f"--{n}" for n in spellings] + [f"--{n.replace('_', '-')}" for n in spellings if "_" in n]
         default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-        kwargs: dict = {"dest": f.name, "default": default, "help": f"{helps.get(f.name, '')} (default: {default})"}
+        kwargs: dict = {"dest": f.name, "default": default, "help": _flag_help(f.name, helps.get(f.name, ""), default)}
         if hints[f.name] is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif hint.startswith("list") or "list[" in hint:
             kwargs["nargs"] = "+"
         elif "int" in hint and "float" not in hint:
-            kwargs["type"] = int
+            kwargs["type"] = _int
         elif "float" in hint:
             kwargs["type"] = float
         parser.add_argument(*names, **kwargs)
+    _add_hf_flags(parser)
+
+
+def _add_hf_flags(parser: argparse.ArgumentParser) -> None:
+    """HF TrainingArguments flags that map onto a TrainConfig field with a conversion."""
+    hf = parser.add_argument_group("Hugging Face TrainingArguments spellings")
+    hf.add_argument("--per_device_train_batch_size", "--per-device-train-batch-size", type=_int, default=None,
+                    help="HF's per-process batch N: sets the global --batch_size to N x the number of processes "
+                         "(WORLD_SIZE, 1 without torchrun); --grad_accum still multiplies it per optimizer step")
+    hf.add_argument("--lr_scheduler_type", "--lr-scheduler-type", dest="schedule", type=_hf_schedule,
+                    default=argparse.SUPPRESS, help="linear, cosine or constant_with_warmup (= --schedule constant)")
+    hf.add_argument("--warmup_steps", "--warmup-steps", dest="warmup_ratio", type=_hf_warmup, default=argparse.SUPPRESS,
+                    help="HF 5's warmup: a fraction of the steps below 1 (= --warmup_ratio); a step count is refused")
+    hf.add_argument("--bf16", dest="precision", action="store_const", const="bf16", default=argparse.SUPPRESS,
+                    help="= --precision bf16")
+    hf.add_argument("--use_cpu", "--use-cpu", dest="device", action="store_const", const="cpu",
+                    default=argparse.SUPPRESS, help="= --device cpu")
 
 
 def given_fields(argv: list[str]) -> set[str]:
@@ -48,7 +126,8 @@ def given_fields(argv: list[str]) -> set[str]:
     _add_config_flags(parser)
     for action in parser._actions:
         action.default = argparse.SUPPRESS
-    return set(vars(parser.parse_known_args(argv)[0]))
+    given = set(vars(parser.parse_known_args(argv)[0]))
+    return given | ({"batch_size"} if "per_device_train_batch_size" in given else set())
 
 
 def config_from_args(args: argparse.Namespace, given: set[str] | None = None) -> TrainConfig:
@@ -58,6 +137,12 @@ def config_from_args(args: argparse.Namespace, given: set[str] | None = None) ->
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
     if given is not None:
         values = with_recipe(values, given)
+    per_device = getattr(args, "per_device_train_batch_size", None)
+    if per_device is not None:
+        if values["batch_size"] is not None:
+            raise LoraConfigError(f"--batch_size {values['batch_size']} and --per_device_train_batch_size "
+                                  f"{per_device} both given; pass one (--batch_size is the global batch)")
+        values["batch_size"] = per_device * int(os.environ.get("WORLD_SIZE", "1"))
     targets = values["targets"]
     if targets == ["default"]:
         values["targets"] = None
@@ -73,23 +158,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(sub.add_parser("train", help="train an adapter (or a baseline method) on a task"))
     ev = sub.add_parser("eval", help="evaluate a trained adapter on a dev split")
     ev.add_argument("--adapter", required=True, help="RUN/adapter of a finished `lorakit train` run")
-    ev.add_argument("--data", default=None, help="data directory (default: the run's data)")
+    ev.add_argument("--data", default=None, help="a data file (all of it is scored; format as for training) or a data "
+                                                 "directory (its dev split); default: the run's data")
     ev.add_argument("--task", default=None, help="task name (default: the run's task)")
-    ev.add_argument("--model", default=None, help="base model directory (default: the run's base)")
+    ev.add_argument("--model", default=None, help="base model directory or name (minilm) (default: the run's base)")
     ev.add_argument("--dev_limit", "--dev-limit", type=int, default=0, help="first N dev examples; 0 = all")
     ev.add_argument("--batch_size", "--batch-size", type=int, default=None,
                     help="examples per forward (default 64; E2E generation: 16)")
+    ev.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     _add_e2e_eval_flags(ev)
     _add_generate_parser(sub)
     pr = sub.add_parser("predict", help="predict raw texts with a trained adapter")
     pr.add_argument("--adapter", required=True, help="RUN/adapter of a finished `lorakit train` run")
-    pr.add_argument("--model", default=None, help="base model directory (default: the run's base)")
+    pr.add_argument("--model", default=None, help="base model directory or name (minilm) (default: the run's base)")
+    pr.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     pr.add_argument("texts", nargs="+", help="texts; sentence pairs as 'first || second'; NER: words by spaces")
     mg = sub.add_parser("merge", help="export base + LoRA adapter merged, as a plain transformers model")
     mg.add_argument("--adapter", required=True, help="a PEFT-layout adapter directory")
     mg.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     mg.add_argument("--base", "--model", dest="model", default=None,
-                    help="base model directory (default: the adapter's base_model_name_or_path)")
+                    help="base model directory or name (minilm) (default: the adapter's base_model_name_or_path)")
     mg.add_argument("--task", default=None, help="causal-lm, seq-cls, token-cls, ... (default: adapter's task_type)")
     ins = sub.add_parser("inspect", help="summarise an adapter directory: config, ranks, |dW| per module")
     ins.add_argument("adapter", help="a PEFT-layout adapter directory")
@@ -117,14 +205,30 @@ def _add_e2e_eval_flags(ev: argparse.ArgumentParser) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
+    from lorakit.train.inference import eval_data, evaluate_adapter, resolve_device
+
+    resolve_device(args.device)  # an unavailable device fails before the data and model load
+    if _is_e2e_file(args):
+        return _cmd_eval_e2e(args)
+    split = eval_data(args.adapter, args.data, args.task)
+    n = min(len(split.dev), args.dev_limit or len(split.dev))
+    what = "the whole file" if not split.train else "the dev split"  # a single file comes without a train split
+    print(f"lorakit eval: {split.task}, {what} {split.dev_path} ({n} of {len(split.dev)} examples)", file=sys.stderr)
+    metrics = evaluate_adapter(args.adapter, model_dir=args.model, dev_limit=args.dev_limit,
+                               batch_size=args.batch_size or 64, device=args.device, split=split)
+    print(json.dumps(metrics))
+
+
+def _is_e2e_file(args: argparse.Namespace) -> bool:
+    """`--data FILE` in E2E format (MR||reference lines, not .jsonl) for a causal-LM run: generation + E2E metrics
+    (a .jsonl file, or a directory, is scored by loss as for any task)."""
     from pathlib import Path
 
-    from lorakit.train.inference import evaluate_adapter
+    from lorakit.train.inference import run_info
 
-    if args.data is not None and Path(args.data).is_file():
-        return _cmd_eval_e2e(args)
-    metrics = evaluate_adapter(args.adapter, args.data, args.task, args.model, args.dev_limit, args.batch_size or 64)
-    print(json.dumps(metrics))
+    if args.data is None or not Path(args.data).is_file() or Path(args.data).suffix == ".jsonl":
+        return False
+    return run_info(args.adapter)["kind"] == "causal_lm"
 
 
 def _cmd_eval_e2e(args: argparse.Namespace) -> None:
@@ -134,11 +238,8 @@ def _cmd_eval_e2e(args: argparse.Namespace) -> None:
     from lorakit.e2e import evaluate_e2e, report
     from lorakit.train.inference import load_trained
 
-    model, tokenizer, info = load_trained(args.adapter, args.model)
+    model, tokenizer, _ = load_trained(args.adapter, args.model, args.device)
     merge(model)  # LoRA folded into the weights: the same outputs at the base model's decoding speed
-    if info["kind"] != "causal_lm":
-        raise DataError(f"--data {args.data}: a file means E2E generation, but {args.adapter} is a {info['kind']} run; "
-                        "pass a data directory to evaluate it on its task")
     out = args.out or Path(args.adapter).parent / f"eval-{Path(args.data).stem}"
     result = evaluate_e2e(model, tokenizer, args.data, limit=args.limit, batch_size=args.batch_size or 16,
                           num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, out_dir=out)
@@ -156,19 +257,19 @@ def _format_prediction(pred: dict, names: dict[str, str] | None = None) -> str:
 def _cmd_predict(args: argparse.Namespace) -> None:
     from lorakit.train.inference import predict_texts
 
-    for text, pred in zip(args.texts, predict_texts(args.adapter, args.texts, args.model), strict=True):
+    for text, pred in zip(args.texts, predict_texts(args.adapter, args.texts, args.model, args.device), strict=True):
         print(f"{_format_prediction(pred)}\t{text}")
 
 
 def _cmd_merge(args: argparse.Namespace) -> None:
     from lorakit.adapter_file import read_adapter
     from lorakit.export import export_merged
-    from lorakit.train.tasks import local_model_dir
+    from lorakit.train.tasks import resolve_model_path
 
     base = args.model or read_adapter(args.adapter).config.base_model_name_or_path
     if not base:
         raise DataError(f"{args.adapter}: the adapter names no base model; pass --base DIR")
-    print(export_merged(local_model_dir(base), args.adapter, args.out, args.task))  # `smollm2` -> its directory
+    print(export_merged(resolve_model_path(base), args.adapter, args.out, args.task))
 
 
 def _cmd_inspect(args: argparse.Namespace) -> None:

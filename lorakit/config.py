@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import InitVar, asdict, dataclass, field, fields
 from typing import Any
 
 from .errors import LoraConfigError
 
 BIAS_MODES = ("none", "all", "lora_only")
 INITS = ("kaiming", "gaussian")
+# PEFT LoraConfig field -> lorakit's name for the same thing (the other shared fields have the same names).
+PEFT_ALIASES = {"lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "targets",
+                "exclude_modules": "exclude", "init_lora_weights": "init"}
+_SAME_AS_PEFT = ("r", "bias", "modules_to_save", "use_rslora", "rank_pattern", "alpha_pattern",
+                 "base_model_name_or_path", "task_type")
+# PEFT fields that describe the run or the library, not the adapter.
+_PEFT_BOOKKEEPING = ("peft_type", "peft_version", "revision", "inference_mode", "auto_mapping", "fan_in_fan_out")
 
 
 @dataclass
@@ -32,6 +39,11 @@ class LoraConfig:
     slices: fused projections adapted per output slice, {module suffix: [enable, ...]}; e.g.
         {"c_attn": [True, False, True]} adapts only the q and v thirds of GPT-2's fused qkv.
     base_model_name_or_path, task_type: carried into adapter_config.json for PEFT.
+
+    PEFT's spellings are accepted as arguments too: `LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1,
+    target_modules=["query", "value"])` (also exclude_modules, init_lora_weights=True/"gaussian"). They are
+    arguments only: read the values back as .alpha, .dropout, .targets. For a whole peft.LoraConfig object
+    use `LoraConfig.from_peft`.
     """
 
     r: int = 8
@@ -49,12 +61,43 @@ class LoraConfig:
     slices: dict[str, list[bool]] = field(default_factory=dict)
     base_model_name_or_path: str | None = None
     task_type: str | None = None
+    lora_alpha: InitVar[float | None] = None
+    lora_dropout: InitVar[float | None] = None
+    target_modules: InitVar[list[str] | str | None] = None
+    exclude_modules: InitVar[list[str] | str | None] = None
+    init_lora_weights: InitVar[bool | str | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, lora_alpha: float | None = None, lora_dropout: float | None = None,
+                      target_modules: list[str] | str | None = None, exclude_modules: list[str] | str | None = None,
+                      init_lora_weights: bool | str | None = None) -> None:
+        given = {"lora_alpha": lora_alpha, "lora_dropout": lora_dropout, "target_modules": target_modules,
+                 "exclude_modules": exclude_modules, "init_lora_weights": init_lora_weights}
+        self._apply_peft_aliases({k: v for k, v in given.items() if v is not None})
         self.modules_to_save = list(self.modules_to_save or ())
-        if isinstance(self.targets, tuple | set):
-            self.targets = list(self.targets)
+        for name in ("targets", "exclude"):
+            if isinstance(getattr(self, name), tuple | set | frozenset):  # PEFT keeps target_modules as a set
+                setattr(self, name, sorted(getattr(self, name)))
         self.validate()
+
+    def _apply_peft_aliases(self, given: dict[str, Any]) -> None:
+        """Set the lorakit field of each PEFT-named argument; a lorakit field set to another value is an error."""
+        defaults = {f.name: f.default for f in fields(self)}
+        problems = []
+        for peft_name, value in given.items():
+            name = PEFT_ALIASES[peft_name]
+            if name == "init":
+                if value is not True and value != "gaussian":
+                    problems.append(f"init_lora_weights={value!r}: lorakit supports True (= init 'kaiming') and "
+                                    "'gaussian'; B always starts at 0")
+                    continue
+                value = "kaiming" if value is True else "gaussian"
+            if getattr(self, name) != defaults[name] and getattr(self, name) != value:
+                problems.append(f"{name}={getattr(self, name)!r} and {peft_name}={value!r}: the same setting given "
+                                f"twice with different values; pass one of them")
+            else:
+                setattr(self, name, value)
+        if problems:
+            raise LoraConfigError("invalid LoraConfig:\n  - " + "\n  - ".join(problems))
 
     def validate(self) -> None:
         """Collect every invalid field and raise one LoraConfigError listing them all."""
@@ -108,6 +151,35 @@ class LoraConfig:
     def from_dict(cls, data: dict[str, Any]) -> LoraConfig:
         return from_plain_dict(cls, data)
 
+    @classmethod
+    def from_peft(cls, peft_config: Any) -> LoraConfig:
+        """The LoraConfig for a `peft.LoraConfig` (or a dict of its keyword arguments), field by field.
+
+        PEFT's names map to lorakit's (PEFT_ALIASES); fan_in_fan_out becomes None, since PEFT, as lorakit,
+        picks the layout from the layer type. Any other PEFT option (use_dora, layers_to_transform, ...)
+        set to something other than PEFT's default is refused by name: lorakit cannot honour it.
+        Unlike PEFT's get_peft_model, task_type does not add the classifier head to modules_to_save: list it.
+        """
+        if hasattr(peft_config, "to_dict"):
+            data, defaults = peft_config.to_dict(), type(peft_config)().to_dict()
+        elif isinstance(peft_config, dict):
+            data, defaults = dict(peft_config), {}
+        else:
+            raise LoraConfigError(f"from_peft: expected a peft.LoraConfig or a dict, got {type(peft_config).__name__}")
+        if str(getattr(data.get("peft_type"), "value", data.get("peft_type", "LORA"))) != "LORA":
+            raise LoraConfigError(f"from_peft: peft_type {data['peft_type']!r} is not LoRA; lorakit builds LoRA only")
+        kwargs, refused = {}, []
+        for key, value in data.items():
+            value = getattr(value, "value", value)  # PEFT's str enums (task_type)
+            if key in PEFT_ALIASES or key in _SAME_AS_PEFT:
+                kwargs[key] = value
+            elif key not in _PEFT_BOOKKEEPING and not _is_off(value, defaults.get(key)):
+                refused.append(f"{key}={value!r}: a PEFT option lorakit does not implement; leave it at PEFT's "
+                               f"default ({defaults.get(key)!r})")
+        if refused:
+            raise LoraConfigError("from_peft: unsupported PEFT LoraConfig fields:\n  - " + "\n  - ".join(refused))
+        return cls(**kwargs)
+
 
 def from_plain_dict(cls: type, data: dict[str, Any]) -> Any:
     """Build dataclass `cls` from a dict, refusing unknown keys by name (configs read from files)."""
@@ -133,6 +205,11 @@ def _pattern_value(pattern: dict[str, Any], name: str, default: Any) -> Any:
         if re.match(rf"(.*\.)?({key})$", name):
             return value
     return default
+
+
+def _is_off(value: Any, default: Any) -> bool:
+    """A PEFT option left at its default (or empty: None, False, {}, [])."""
+    return value == default or value is None or value is False or (isinstance(value, dict | list) and not value)
 
 
 def _is_int(v: Any) -> bool:

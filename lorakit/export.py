@@ -15,13 +15,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from .adapter_file import CONFIG_NAME, WEIGHTS_NAME, AdapterFile, read_adapter
 from .adapters import merge_and_unload
 from .errors import AdapterFileError, LoraConfigError
 from .io import _fsync_dir, load_adapter
-from .layers import LoraModule, SavedModule
 
 TASKS = {"causal-lm": "AutoModelForCausalLM", "seq-cls": "AutoModelForSequenceClassification",
          "token-cls": "AutoModelForTokenClassification", "seq2seq-lm": "AutoModelForSeq2SeqLM",
@@ -86,10 +85,7 @@ def export_merged(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
     finally:
         logging.set_verbosity(verbosity)
     load_adapter(model, adapter.path)
-    tied = _untie_adapted_embeddings(model)
-    merge_and_unload(model)
-    if tied and hasattr(model.config, "tie_word_embeddings"):
-        model.config.tie_word_embeddings = False
+    merge_and_unload(model)  # unties a merged weight that was tied (e.g. the embedding and the LM head)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
@@ -106,25 +102,6 @@ def export_merged(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-def _untie_adapted_embeddings(model: nn.Module) -> bool:
-    """Give the output embedding its own weight if it shares one with an adapted input/output embedding.
-
-    Merging ΔW into a shared weight would change both ends, while the adapter changed only one; PEFT's
-    merge has the same trap. Returns True if the two ends no longer share a weight.
-    """
-    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
-    emb_in = get_in() if callable(get_in) else None
-    emb_out = get_out() if callable(get_out) else None
-    if emb_in is None or emb_out is None or not any(isinstance(m, LoraModule | SavedModule) for m in (emb_in, emb_out)):
-        return False
-    if getattr(emb_in, "weight", None) is not getattr(emb_out, "weight", None):
-        return False
-    inner = emb_out.base_layer if isinstance(emb_out, LoraModule) else emb_out
-    inner = inner.original_module if isinstance(inner, SavedModule) else inner
-    inner.weight = nn.Parameter(inner.weight.detach().clone(), requires_grad=False)
-    return True
 
 
 # -- inspect ---------------------------------------------------------------------------------------------------

@@ -125,7 +125,7 @@ def load_for_generation(model: str | None = None, adapter: str | None = None,
 
     from lorakit.adapters import merge as merge_adapters
     from lorakit.errors import LoraConfigError
-    from lorakit.train.tasks import load_model, load_tokenizer
+    from lorakit.train.tasks import load_model, load_tokenizer, resolve_model_path
 
     plain = False
     if adapter is not None and (Path(adapter).parent / "task.json").is_file():
@@ -142,7 +142,7 @@ def load_for_generation(model: str | None = None, adapter: str | None = None,
             from lorakit.adapter_file import read_adapter
 
             base = read_adapter(adapter).config.base_model_name_or_path
-        base = base or "smollm2"
+        base = resolve_model_path(base or "smollm2")
         net, tokenizer = load_model(base, "causal_lm", []), load_tokenizer(base)
         if adapter is not None:
             from lorakit.io import load_adapter

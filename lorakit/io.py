@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field, replace
@@ -21,24 +20,31 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
-from .adapter_file import CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterFile, read_adapter, to_peft_dict
-from .adapters import active_adapters, lora_modules, merge, set_adapter
+from .adapter_file import (
+    CONFIG_NAME,
+    LORA_KEYS,
+    MAX_WEIGHTS_BYTES,
+    PREFIX,
+    WEIGHTS_NAME,
+    AdapterFile,
+    read_adapter,
+    to_peft_dict,
+)
 from .config import LoraConfig, matches
 from .errors import AdapterFileError, AdapterNotFound, LoraConfigError
-from .inject import _conv1d_type, inject, lora_configs, model_modules, resolve, select
-from .layers import LoraLinear, LoraModule, SavedModule
+from .injection import _wrap, inject, lora_configs, lora_modules, model_modules, resolve, select
+from .injection import check_adapter_name as _check_name
+from .layers import LoraModule
+from .saved import SavedModule
+from .transaction import all_or_nothing
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
-_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
 def check_adapter_name(name: str) -> str:
     """`name` if it is safe as a directory name ([A-Za-z0-9._-], not '.', no '..'), else AdapterFileError."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name or name == "." or len(name) > 128:
-        raise AdapterFileError(f"adapter name {name!r}: expected 1-128 characters from [A-Za-z0-9._-] without "
-                               "'..', e.g. 'sst2-r8'")
-    return name
+    return _check_name(name, AdapterFileError)
 
 
 def adapter_dir(root: str | Path, name: str) -> Path:
@@ -70,12 +76,11 @@ def save_adapter(model: nn.Module, path: str | Path, name: str = "default",
         if name not in m.adapter_names:
             continue
         if isinstance(m, SavedModule):  # PEFT's key: the module's own parameter names, no wrapper in them
-            tensors.update({f"{PREFIX}{mpath}.{k}": v for k, v in m.modules_to_save[name].state_dict().items()})
+            tensors.update({f"{PREFIX}{mpath}.{k}": v for k, v in m.copy(name).state_dict().items()})
             saved.append(mpath)
             continue
-        A, B = m.dense_factors(name) if isinstance(m, LoraLinear) else (m.A(name), m.B(name))
-        a_key, b_key = (".lora_embedding_A", ".lora_embedding_B") if m.a_name == "lora_embedding_A" else \
-            (".lora_A.weight", ".lora_B.weight")
+        A, B = m.dense_factors(name)  # a per-slice layer writes the dense adapter it equals
+        a_key, b_key = m.file_keys
         tensors[PREFIX + mpath + a_key], tensors[PREFIX + mpath + b_key] = A, B
         ranks[mpath], scales[mpath] = A.shape[0], m.scale[name]
         fan_in_fan_out |= bool(getattr(m, "fan_in_fan_out", False))
@@ -204,21 +209,24 @@ class _Plan:
     biases: list[tuple[nn.Parameter, Tensor]] = field(default_factory=list)
 
 
-def load_adapter(model: nn.Module, path: str | Path, name: str | None = None) -> str:
+def load_adapter(model: nn.Module, path: str | Path, name: str | None = None,
+                 max_bytes: int = MAX_WEIGHTS_BYTES) -> str:
     """Load a PEFT-layout adapter into `model` as adapter `name`; returns the name.
 
     With no adapters on the model it injects from the file's config and activates it; beside existing ones it
     is added and the active set (and merged state) stays as it was (activate it with `set_adapter`). `name`
     defaults to "default", or to the directory's name if "default" is taken. The file is validated in full
     (keys, shapes against the config's ranks and the model's modules, dtypes, finiteness) before anything
-    changes; every problem raises AdapterFileError naming the file, the key and the fix.
+    changes; every problem raises AdapterFileError naming the file, the key and the fix. A weights file over
+    `max_bytes` is refused before it is read. All or nothing: a failure leaves the model as it was.
     """
     path = Path(path)
     configs = lora_configs(model)
-    name = check_adapter_name(name if name is not None else "default" if "default" not in configs else path.name)
+    default = "default" if "default" not in configs else path.resolve().name
+    name = check_adapter_name(name if name is not None else default)
     if name in configs:
         raise AdapterFileError(f"adapter name {name!r} is already on the model; pass name=... or delete it first")
-    adapter = read_adapter(path)
+    adapter = read_adapter(path, max_bytes)
     plan = _plan(model, adapter)
     _install(model, plan, name)
     return name
@@ -243,13 +251,16 @@ def _plan(model: nn.Module, adapter: AdapterFile) -> _Plan:
     _check_keys(src, set(targets), set(adapter.lora), "lora_A/lora_B weights for module")
     plan = _Plan(cfg)
     overrides: dict[str, tuple[int, float]] = {}
+    _, slices = resolve(model, cfg)
     for t in targets:
         A, B, emb = adapter.lora[t]
-        plan.lora[t], fused = _fit(model.get_submodule(t), t, A, B, emb, cfg.rank_for(t), src)
-        if fused:  # an existing per-slice layer: the dense file adapter folded back into slices
-            k = A.shape[0] // fused
+        layer = _layer_for(model, t, slices, cfg, src)
+        A, B, r = _fit(layer, t, A, B, emb, cfg.rank_for(t), src)
+        plan.lora[t] = (A, B)
+        if r != A.shape[0] or layer.layer_shapes(r) != layer.factor_shapes(r):  # folded back into slices
+            k = A.shape[0] // r
             root = k ** 0.5 if cfg.use_rslora else k
-            overrides[t] = (fused, cfg.alpha_for(t) / root)
+            overrides[t] = (r, cfg.alpha_for(t) / root)
     if overrides:
         plan.config = replace(cfg, rank_pattern=_first({t: r for t, (r, _) in overrides.items()}, cfg.rank_pattern),
                               alpha_pattern=_first({t: a for t, (_, a) in overrides.items()}, cfg.alpha_pattern))
@@ -289,50 +300,49 @@ def _check_like(src: Path, key: str, t: Tensor, ref: Tensor) -> Tensor:
                                f"{tuple(ref.shape)}; the adapter was trained on another base model")
     if ref.is_floating_point() != t.is_floating_point() or (not ref.is_floating_point() and t.dtype != ref.dtype):
         raise AdapterFileError(f"{src}: {PREFIX}{key}: dtype {t.dtype} does not fit the model's {ref.dtype}")
+    _check_finite_as(src, key, t, ref.dtype)
     return t
 
 
-def _fit(module: nn.Module, t: str, A: Tensor, B: Tensor, emb: bool, rank: int, src: Path
-         ) -> tuple[tuple[Tensor, Tensor], int | None]:
-    """Check (A, B) against target `t`'s base layer; returns them in the layer's form, and r if folded to slices."""
-    base = module.base_layer if isinstance(module, LoraModule) else module
-    r, w = A.shape[0], base.weight
-    if emb != isinstance(base, nn.Embedding):
+def _check_finite_as(src: Path, key: str, t: Tensor, dtype: torch.dtype) -> None:
+    # 1e5 is finite in the file's fp32 but inf in an fp16 model: check the values the model will compute with.
+    if t.is_floating_point() and not bool(torch.isfinite(t.to(dtype)).all()):
+        raise AdapterFileError(f"{src}: {PREFIX}{key}: values overflow to Inf in the model's {dtype} (largest "
+                               f"magnitude {float(t.abs().max()):.3g}); the adapter does not fit this model's dtype")
+
+
+def _layer_for(model: nn.Module, t: str, slices: dict[str, list[bool]], cfg: LoraConfig, src: Path) -> LoraModule:
+    """Target `t`'s LoRA layer: the one there, or the wrapper inject would build (not put in the model)."""
+    module = model.get_submodule(t)
+    if isinstance(module, LoraModule):
+        return module
+    try:
+        return _wrap(module, cfg.fan_in_fan_out, next((v for k, v in slices.items() if matches([k], t)), None))
+    except LoraConfigError as e:
+        raise AdapterFileError(f"{src}: {PREFIX}{t}: {e}") from None
+
+
+def _fit(layer: LoraModule, t: str, A: Tensor, B: Tensor, emb: bool, rank: int, src: Path
+         ) -> tuple[Tensor, Tensor, int]:
+    """Check the file's (A, B) against target `t`'s layer; returns them in the layer's form and the layer's rank."""
+    base = layer.base_layer
+    if LORA_KEYS[emb] != layer.file_keys:
         raise AdapterFileError(f"{src}: {PREFIX}{t}: the file has {'embedding' if emb else 'linear'} LoRA keys but "
                                f"the model's module is {type(base).__name__}; wrong base model?")
-    if isinstance(base, nn.Embedding):
-        a_shape, b_shape = (r, w.shape[0]), (w.shape[1], r)
-    elif isinstance(base, nn.Conv1d | nn.Conv2d | nn.Conv3d):
-        if base.groups != 1 or base.padding_mode != "zeros":
-            raise AdapterFileError(f"{src}: {PREFIX}{t}: LoRA on a convolution needs groups=1, padding_mode='zeros'")
-        a_shape, b_shape = (r, *w.shape[1:]), (w.shape[0], r, *[1] * (w.dim() - 2))
-    else:
-        conv1d = _conv1d_type()
-        out, inp = (w.shape[1], w.shape[0]) if conv1d is not None and isinstance(base, conv1d) else w.shape
-        a_shape, b_shape = (r, inp), (out, r)
+    r = A.shape[0]
     if r != rank:
         raise AdapterFileError(f"{src}: {PREFIX}{t}: A {tuple(A.shape)}, B {tuple(B.shape)} do not fit rank {rank} "
                                "from the config (r / rank_pattern); the config and weights disagree")
+    a_shape, b_shape = layer.factor_shapes(r)
     if tuple(A.shape) != a_shape or tuple(B.shape) != b_shape:
         raise AdapterFileError(f"{src}: {PREFIX}{t}: A {tuple(A.shape)}, B {tuple(B.shape)}; the model's "
                                f"{type(base).__name__} needs A {a_shape}, B {b_shape} at rank {r}")
-    if isinstance(module, LoraLinear) and module.slices is not None:
-        return _fold_slices(module, t, A, B, src), r // sum(module.slices)
-    return (A, B), None
-
-
-def _fold_slices(m: LoraLinear, t: str, A: Tensor, B: Tensor, src: Path) -> tuple[Tensor, Tensor]:
-    # Inverse of LoraLinear.dense_factors: keep B's diagonal blocks; everything off them must be zero.
-    k, size = sum(m.slices), m.out_features // len(m.slices)
-    r = A.shape[0] // k
-    blocks, mask = [], torch.ones_like(B, dtype=torch.bool)
-    for i, j in enumerate(j for j, on in enumerate(m.slices) if on):
-        blocks.append(B[j * size:(j + 1) * size, i * r:(i + 1) * r])
-        mask[j * size:(j + 1) * size, i * r:(i + 1) * r] = False
-    if A.shape[0] % k or bool(B[mask].any()):
-        raise AdapterFileError(f"{src}: {PREFIX}{t}: the model's layer adapts output slices {m.slices} only, and "
-                               "this dense adapter does not fit them; load it into a fresh model instead")
-    return A, torch.cat(blocks, 0)
+    for key, f in zip(layer.file_keys, (A, B), strict=True):
+        _check_finite_as(src, t + key, f, base.weight.dtype)
+    try:
+        return layer.from_dense(A, B)
+    except LoraConfigError as e:
+        raise AdapterFileError(f"{src}: {PREFIX}{t}: {e}") from None
 
 
 def _plan_biases(model: nn.Module, src: Path, other: dict[str, Tensor], mode: str, targets: set[str],
@@ -359,23 +369,20 @@ def _plan_biases(model: nn.Module, src: Path, other: dict[str, Tensor], mode: st
 
 def _install(model: nn.Module, plan: _Plan, name: str) -> None:
     """Inject and copy the checked tensors in; the active and merged state of existing adapters is kept."""
-    had = bool(lora_configs(model))
-    previous = active_adapters(model)
-    was_merged = any(m.merged for _, m in lora_modules(model) if isinstance(m, LoraModule))
-    inject(model, plan.config, name)
-    with torch.no_grad():
-        for t, (A, B) in plan.lora.items():
-            m = model.get_submodule(t)
-            m.A(name).copy_(A)
-            m.B(name).copy_(B)
-        for s, state in plan.saved.items():
-            model.get_submodule(s).modules_to_save[name].load_state_dict(state)
-        for p, value in plan.biases:
-            p.copy_(value)
-    if had:
-        set_adapter(model, previous)
-        if was_merged:
-            merge(model)
+    first = not lora_configs(model)
+    with all_or_nothing(model) as undo:
+        inject(model, plan.config, name, active=first)  # beside others: added frozen and inactive
+        with torch.no_grad():
+            for t, (A, B) in plan.lora.items():
+                m = model.get_submodule(t)
+                m.A(name).copy_(A)
+                m.B(name).copy_(B)
+            for s, state in plan.saved.items():
+                model.get_submodule(s).copy(name).load_state_dict(state)
+            for p, value in plan.biases:
+                old = p.detach().clone()
+                undo.append(lambda p=p, old=old: p.data.copy_(old))
+                p.copy_(value)
 
 
 __all__ = ["adapter_dir", "check_adapter_name", "load_adapter", "save_adapter", "write_atomic"]

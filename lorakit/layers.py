@@ -1,29 +1,51 @@
 """LoRA layers: wrap a frozen base layer and hold named adapters {A, B, scale}; forward, merge, unmerge.
 
-Every layer follows one small protocol: `add_adapter`, `delta_weight(name)` (ΔW in the base weight's
-own layout), `forward`, `merge` / `unmerge`, `adapter_params(name)`. The math lives in functional.py.
+Every layer follows one small protocol, so nothing outside needs to know layer types:
+  new_factors / install   build an adapter's (A, B), then put it in (two steps: check, build, swap in)
+  delta_weight(name)      ΔW in the base weight's own layout
+  factor_shapes(r)        (A, B) shapes in the file's (dense) layout at rank r; `file_keys` their key suffixes
+  dense_factors(name)     (A, B) in that layout; `from_dense(A, B)` folds them back into the layer's form
+  combine_blocks          the independent low-rank (A, B) blocks `combine` works on; `from_blocks` inverts it
+  merge / unmerge         exact: the original weight is kept while merged and put back bit for bit
+The math lives in functional.py. Adapter names may hold '.', which torch refuses in parameter names:
+inside the layers the key is the name with '.' written as "%2E" (`param_key`); files never carry names.
 """
 
 from __future__ import annotations
 
 import math
-from copy import deepcopy
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import LoraConfigError, LoraStateError
-from .functional import lora_linear, mixed_lora_delta
+from .functional import lora_linear
+from .rows import RowAdapters, current_rows
+
+_DOT = "%2E"  # not in [A-Za-z0-9._-], so the mapping is one to one
+
+
+def param_key(name: str) -> str:
+    """The ParameterDict / ModuleDict key of adapter `name` ('.' is not allowed in torch's names)."""
+    return name.replace(".", _DOT)
+
+
+def adapter_name(key: str) -> str:
+    """Inverse of `param_key`."""
+    return key.replace(_DOT, ".")
 
 
 class LoraModule(nn.Module):
     """Shared bookkeeping: the frozen `base_layer`, per-adapter A, B, r, alpha, scale, dropout."""
 
     a_name, b_name = "lora_A", "lora_B"  # parameter names; equal to PEFT's file keys
+    file_keys = (".lora_A.weight", ".lora_B.weight")  # key suffixes in adapter_model.safetensors
+    STATE = ("r", "alpha", "scale", "dropout", "active", "merged", "disabled", "_unmerged")  # plain attributes
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
+        self.check_base(base_layer)
         self.base_layer = base_layer
         setattr(self, self.a_name, nn.ParameterDict())
         setattr(self, self.b_name, nn.ParameterDict())
@@ -34,7 +56,11 @@ class LoraModule(nn.Module):
         self.active: list[str] = []
         self.merged: list[str] = []
         self.disabled = False
-        self.row_adapters: tuple[list[str], Tensor] | None = None  # (names, per-row ids); see per_row_adapters
+        self._unmerged: tuple[nn.Parameter, ...] = ()  # while merged: the original weight Parameter
+
+    @classmethod
+    def check_base(cls, base_layer: nn.Module) -> None:
+        """Raise LoraConfigError if this layer type cannot wrap `base_layer`."""
 
     def __getattr__(self, name: str):
         # Callers (transformers' weight tying, GPT-2's `nf`) read attributes of the wrapped layer.
@@ -45,35 +71,58 @@ class LoraModule(nn.Module):
 
     # -- adapter bookkeeping -------------------------------------------------------------------
     def A(self, name: str) -> nn.Parameter:
-        return getattr(self, self.a_name)[name]
+        return getattr(self, self.a_name)[param_key(name)]
 
     def B(self, name: str) -> nn.Parameter:
-        return getattr(self, self.b_name)[name]
+        return getattr(self, self.b_name)[param_key(name)]
 
     @property
     def adapter_names(self) -> list[str]:
-        return list(getattr(self, self.a_name).keys())
+        return [adapter_name(k) for k in getattr(self, self.a_name).keys()]
 
     def adapter_params(self, name: str) -> list[nn.Parameter]:
         """The trainable tensors of one adapter (declared, never found by substring)."""
         return [self.A(name), self.B(name)]
 
-    def add_adapter(self, name: str, r: int, alpha: float, dropout: float, init: str,
-                    use_rslora: bool = False) -> None:
-        """Create A (r×in) and B (out×r, zero) so the layer's output is unchanged at init."""
-        A, B = self._new_factors(r)
+    def adapter_dtype(self, fp32_adapters: bool = True) -> torch.dtype:
+        """fp32 when the base is 16-bit and `fp32_adapters` (PEFT's autocast_adapter_dtype), else the base's."""
+        w = self.base_weight()
+        if not w.dtype.is_floating_point or (fp32_adapters and w.dtype in (torch.float16, torch.bfloat16)):
+            return torch.float32
+        return w.dtype
+
+    def new_factors(self, r: int, init: str, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """A fresh (A, B) in the layer's form, initialised so the layer's output is unchanged (B·A = 0)."""
+        a_shape, b_shape = self.layer_shapes(r)
+        w = self.base_weight()
+        A, B = (torch.empty(s, dtype=dtype or self.adapter_dtype(), device=w.device) for s in (a_shape, b_shape))
         self._init_factors(A, B, r, init)
-        getattr(self, self.a_name)[name] = nn.Parameter(A)
-        getattr(self, self.b_name)[name] = nn.Parameter(B)
+        return A, B
+
+    def layer_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(A, B) shapes as the layer holds them (equal to `factor_shapes` except for per-slice layers)."""
+        return self.factor_shapes(r)
+
+    def install(self, name: str, A: Tensor, B: Tensor, r: int, alpha: float, dropout: float,
+                use_rslora: bool = False, trainable: bool = True) -> None:
+        """Put a built adapter in (no checks left to fail but the name's)."""
+        key = param_key(name)
+        getattr(self, self.a_name)[key] = nn.Parameter(A, requires_grad=trainable)
+        getattr(self, self.b_name)[key] = nn.Parameter(B, requires_grad=trainable)
         self.r[name], self.alpha[name], self.dropout[name] = r, alpha, dropout
         self.scale[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
+
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float, init: str,
+                    use_rslora: bool = False, dtype: torch.dtype | None = None) -> None:
+        """Create A and B (B·A = 0, so the output is unchanged at init) and install them."""
+        self.install(name, *self.new_factors(r, init, dtype), r, alpha, dropout, use_rslora)
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged:
             raise LoraStateError(f"adapter {name!r} is merged into {type(self.base_layer).__name__}; "
                                  "call unmerge(model) before deleting it")
         for d in (getattr(self, self.a_name), getattr(self, self.b_name)):
-            del d[name]
+            del d[param_key(name)]
         for d in (self.r, self.alpha, self.scale, self.dropout):
             d.pop(name, None)
         self.active = [a for a in self.active if a != name]
@@ -86,31 +135,61 @@ class LoraModule(nn.Module):
                 nn.init.kaiming_uniform_(A, a=math.sqrt(5))
             nn.init.zeros_(B)
 
-    def _param_like(self, *shape: int) -> Tensor:
-        w = self.base_weight()
-        dtype = w.dtype if w.dtype.is_floating_point else torch.float32
-        return torch.empty(*shape, dtype=dtype, device=w.device)
-
     def base_weight(self) -> Tensor:
         return self.base_layer.weight
 
+    # -- the file's layout and combine's matrix layout -----------------------------------------------
+    def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        raise NotImplementedError
+
+    def dense_factors(self, name: str) -> tuple[Tensor, Tensor]:
+        """(A, B) in the file's layout, with ΔW = scale·B·A."""
+        return self.A(name), self.B(name)
+
+    def from_dense(self, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor, int]:
+        """File-layout (A, B) -> the layer's form and its rank; LoraConfigError if they do not fit."""
+        return A, B, A.shape[0]
+
+    def combine_blocks(self, name: str) -> list[tuple[Tensor, Tensor]]:
+        """The independent low-rank blocks `combine` works on: one (A, B) here, one per slice for fused layers."""
+        return [(self.A(name), self.B(name))]
+
+    def from_blocks(self, blocks: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, int]:
+        """Inverse of `combine_blocks`: the layer's (A, B) and rank."""
+        (A, B), = blocks
+        return A, B, A.shape[0]
+
     # -- merge ---------------------------------------------------------------------------------
     def merge(self) -> None:
-        """W0 += ΔW for every active adapter not yet merged (idempotent)."""
-        for name in self.active:
-            if name not in self.merged:
-                self._add_to_weight(self.delta_weight(name), +1)
-                self.merged.append(name)
+        """W = W0 + Σ ΔW over the active adapters (idempotent). W0's Parameter is kept, so unmerge is exact
+        and a weight tied to another module (an output head) keeps its value there."""
+        todo = [n for n in self.active if n not in self.merged]
+        if not todo:
+            return
+        if not self._unmerged:
+            self._unmerged = (self.base_layer.weight,)
+        w0 = self._unmerged[0]
+        with torch.no_grad():
+            total = w0.float()
+            for n in self.merged + todo:
+                total = total + self.delta_weight(n).float()
+            self.base_layer.weight = nn.Parameter(total.to(w0.dtype), requires_grad=False)
+        self.merged += todo
 
     def unmerge(self) -> None:
-        """W0 -= ΔW for every merged adapter (idempotent); computed in fp32."""
-        while self.merged:
-            self._add_to_weight(self.delta_weight(self.merged.pop()), -1)
+        """Put the original weight Parameter back, bit for bit (idempotent)."""
+        if self._unmerged:
+            self.base_layer.weight = self._unmerged[0]
+        self._unmerged, self.merged = (), []
 
-    @torch.no_grad()
-    def _add_to_weight(self, delta: Tensor, sign: int) -> None:
-        w = self.base_weight()
-        w.copy_((w.float() + sign * delta.float()).to(w.dtype))
+    def _apply(self, fn, recurse: bool = True):
+        # .to(device / dtype) while merged also moves the kept original weight.
+        super()._apply(fn, recurse)
+        if self._unmerged:
+            w0 = self._unmerged[0]
+            with torch.no_grad():
+                w0.data = fn(w0.data)
+        return self
 
     def _check_not_training_merged(self) -> None:
         if self.merged and self.training and torch.is_grad_enabled() and any(
@@ -123,10 +202,25 @@ class LoraModule(nn.Module):
         self._check_not_training_merged()
         return self.disabled or not self.active or bool(self.merged)
 
-    def _refuse_rows(self) -> None:
-        if self.row_adapters is not None and not self.disabled:
+    def _row_groups(self, rows: RowAdapters, batch: int) -> list[tuple[str, Tensor]]:
+        """This layer's (adapter, row indices) for a per-row batch; checks state and shapes."""
+        groups = [(n, idx) for n, idx in rows.groups(batch) if param_key(n) in getattr(self, self.a_name)]
+        if groups and self.merged:
+            raise LoraStateError(f"per-row adapters on a merged model would count {self.merged} twice; "
+                                 "call unmerge(model) first")
+        if groups and self.training and any(self.dropout[n] for n, _ in groups):
+            raise LoraStateError("per-row adapters run without LoRA dropout; call model.eval() (adapters "
+                                 f"{[n for n, _ in groups if self.dropout[n]]} have dropout > 0)")
+        return groups
+
+    def _refuse_rows(self) -> bool:
+        rows = current_rows()
+        if rows is None or self.disabled:
+            return False
+        if any(param_key(n) in getattr(self, self.a_name) for n in rows.names):
             raise LoraStateError(f"per-row adapters work on Linear layers only, not {type(self.base_layer).__name__}; "
                                  "leave embeddings and convolutions out of the targets to serve mixed batches")
+        return True
 
     def unwrap(self) -> nn.Module:
         """The base layer, with whatever is merged into it."""
@@ -139,50 +233,23 @@ class LoraModule(nn.Module):
 class LoraLinear(LoraModule):
     """y = x·W0ᵀ + b + (α/r)·B·A·drop(x); A: (r, in), B: (out, r).
 
-    Also wraps transformers' Conv1D (GPT-2; weight stored (in, out), `fan_in_fan_out=True`) and fused
-    projections adapted per output slice (`slices=[True, False, True]` adapts q and v of a fused qkv
-    only): then A is (r·k, in) and B is (out/n·k, r) for k enabled of n slices, as in loralib.
+    Also wraps transformers' Conv1D (GPT-2; weight stored (in, out), `fan_in_fan_out=True`).
     """
 
-    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False,
-                 slices: list[bool] | None = None) -> None:
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
+        w = base_layer.weight
+        self_out, self_in = (w.shape[1], w.shape[0]) if fan_in_fan_out else w.shape
         super().__init__(base_layer)
         self.fan_in_fan_out = fan_in_fan_out
-        w = base_layer.weight
-        self.out_features, self.in_features = (w.shape[1], w.shape[0]) if fan_in_fan_out else w.shape
-        if slices is not None and self.out_features % len(slices):
-            raise LoraConfigError(f"slices={slices}: {self.out_features} output features do not split into "
-                                  f"{len(slices)} equal slices; use a divisor of {self.out_features}")
-        self.slices = list(slices) if slices is not None and not all(slices) else None
+        self.out_features, self.in_features = self_out, self_in
 
-    def _new_factors(self, r: int) -> tuple[Tensor, Tensor]:
-        if self.slices is None:
-            return self._param_like(r, self.in_features), self._param_like(self.out_features, r)
-        k, size = sum(self.slices), self.out_features // len(self.slices)
-        return self._param_like(r * k, self.in_features), self._param_like(size * k, r)
+    def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (r, self.in_features), (self.out_features, r)
 
     def weight_out_in(self) -> Tensor:
         """W0 as (out, in), a view for Conv1D."""
         w = self.base_layer.weight
         return w.t() if self.fan_in_fan_out else w
-
-    def slice_factors(self, name: str) -> list[tuple[Tensor, Tensor]]:
-        """Per enabled output slice, its own (Aᵢ (r, in), Bᵢ (out/n, r)): views into the stacked A and B."""
-        A, B = self.A(name), self.B(name)
-        r, size = self.r[name], self.out_features // len(self.slices)
-        return [(A[i * r:(i + 1) * r], B[i * size:(i + 1) * size]) for i in range(sum(self.slices))]
-
-    def dense_factors(self, name: str) -> tuple[Tensor, Tensor]:
-        """(A, B) with ΔW = scale·B·A as plain (r', in) and (out, r'); fused slices become block-sparse B."""
-        A, B = self.A(name), self.B(name)
-        if self.slices is None:
-            return A, B
-        r, size = self.r[name], self.out_features // len(self.slices)
-        full = B.new_zeros(self.out_features, A.shape[0])  # (out, r·k)
-        on = [j for j, enabled in enumerate(self.slices) if enabled]
-        for i, (j, (_, Bi)) in enumerate(zip(on, self.slice_factors(name), strict=True)):
-            full[j * size:(j + 1) * size, i * r:(i + 1) * r] = Bi
-        return A, full
 
     def delta_weight(self, name: str) -> Tensor:
         A, B = self.dense_factors(name)
@@ -190,31 +257,32 @@ class LoraLinear(LoraModule):
         return delta.t() if self.fan_in_fan_out else delta
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.row_adapters is not None and not self.disabled:
-            return self._forward_rows(x)
+        rows = current_rows()
+        if rows is not None and not self.disabled:
+            return self._forward_rows(x, rows)
         if self._use_base_only():
             return self.base_layer(x)
         bias = self.base_layer.bias
         drops = {self.dropout[n] for n in self.active}
-        if len(self.active) == 1 or len(drops) == 1:
+        if len(drops) == 1:
             A, B, s = self._stacked_factors()
             return lora_linear(x, self.weight_out_in(), bias, A, B, s, drops.pop(), self.training)
         out = self.base_layer(x)
         for n in self.active:  # adapters with different dropout: one delta each
-            A, B = self.dense_factors(n)
+            A, B = (t.to(x.dtype) for t in self.dense_factors(n))
             xd = F.dropout(x, self.dropout[n], self.training)
             out = out + F.linear(F.linear(xd, A), B) * self.scale[n]
         return out
 
-    def _forward_rows(self, x: Tensor) -> Tensor:
-        # One batch, one adapter per row: base for all rows + each adapter's delta on its rows only.
-        names, ids = self.row_adapters
-        present = [n for n in names if n in self.adapter_names]
-        remap = torch.tensor([present.index(n) if n in present else -1 for n in names] + [-1], device=ids.device)
-        pairs = [self.dense_factors(n) for n in present]
-        delta = mixed_lora_delta(x, remap[ids], [a for a, _ in pairs], [b for _, b in pairs],
-                                 [self.scale[n] for n in present]) if present else 0
-        return self.base_layer(x) + delta
+    def _forward_rows(self, x: Tensor, rows: RowAdapters) -> Tensor:
+        # One batch, one adapter per row: base for all rows + each adapter's delta on its rows only:
+        # out[rows_k] += s_k·x[rows_k]·A_kᵀ·B_kᵀ (a loop over the adapters present, not over rows).
+        groups = self._row_groups(rows, x.shape[0])
+        out = self.base_layer(x)
+        for n, idx in groups:
+            A, B = (t.to(x.dtype) for t in self.dense_factors(n))
+            out = out.index_add(0, idx, F.linear(F.linear(x.index_select(0, idx), A), B), alpha=self.scale[n])
+        return out
 
     def _stacked_factors(self) -> tuple[Tensor, Tensor, float]:
         # Several active adapters: Σ sᵢ·Bᵢ·Aᵢ = [s₁B₁ … sₖBₖ]·[A₁; …; Aₖ], one rank-Σr update.
@@ -227,14 +295,67 @@ class LoraLinear(LoraModule):
         return A, B, 1.0
 
 
+class LoraSlicedLinear(LoraLinear):
+    """A fused projection adapted per output slice (`slices=[True, False, True]`: q and v of a fused qkv).
+
+    Each enabled slice i has its own update Bᵢ·Aᵢ; stacked, A is (r·k, in) and B is (out/n·k, r) for k enabled
+    of n slices, as loralib's MergedLinear. In a file it is the dense rank-r·k adapter it equals (block B).
+    """
+
+    def __init__(self, base_layer: nn.Module, slices: list[bool], fan_in_fan_out: bool = False) -> None:
+        super().__init__(base_layer, fan_in_fan_out)
+        if self.out_features % len(slices):
+            raise LoraConfigError(f"slices={slices}: {self.out_features} output features do not split into "
+                                  f"{len(slices)} equal slices; use a divisor of {self.out_features}")
+        self.slices = list(slices)
+        self.size = self.out_features // len(slices)  # rows per slice
+        self.on = [j for j, enabled in enumerate(slices) if enabled]
+
+    def layer_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (r * len(self.on), self.in_features), (self.size * len(self.on), r)
+
+    def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (r, self.in_features), (self.out_features, r)  # r here is the file's rank, r·k
+
+    def combine_blocks(self, name: str) -> list[tuple[Tensor, Tensor]]:
+        """Per enabled output slice, its own (Aᵢ (r, in), Bᵢ (out/n, r)): views into the stacked A and B."""
+        A, B, r = self.A(name), self.B(name), self.r[name]
+        return [(A[i * r:(i + 1) * r], B[i * self.size:(i + 1) * self.size]) for i in range(len(self.on))]
+
+    def from_blocks(self, blocks: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, int]:
+        return torch.cat([a for a, _ in blocks], 0), torch.cat([b for _, b in blocks], 0), blocks[0][0].shape[0]
+
+    def dense_factors(self, name: str) -> tuple[Tensor, Tensor]:
+        """(A, B) with ΔW = scale·B·A as plain (r·k, in) and (out, r·k): B is block-sparse."""
+        A, r = self.A(name), self.r[name]
+        full = A.new_zeros(self.out_features, A.shape[0])  # (out, r·k)
+        for i, (j, (_, Bi)) in enumerate(zip(self.on, self.combine_blocks(name), strict=True)):
+            full[j * self.size:(j + 1) * self.size, i * r:(i + 1) * r] = Bi
+        return A, full
+
+    def from_dense(self, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor, int]:
+        # Inverse of dense_factors: keep B's diagonal blocks; everything off them must be zero.
+        k = len(self.on)
+        r = A.shape[0] // k
+        blocks, mask = [], torch.ones_like(B, dtype=torch.bool)
+        for i, j in enumerate(self.on):
+            blocks.append(B[j * self.size:(j + 1) * self.size, i * r:(i + 1) * r])
+            mask[j * self.size:(j + 1) * self.size, i * r:(i + 1) * r] = False
+        if A.shape[0] % k or bool(B[mask].any()):
+            raise LoraConfigError(f"the layer adapts output slices {self.slices} only, and this dense adapter "
+                                  "does not fit them; load it into a fresh model instead")
+        return A, torch.cat(blocks, 0), r
+
+
 class LoraEmbedding(LoraModule):
     """y = E0[x] + (α/r)·(Aᵀ[x])·Bᵀ; A: (r, num_embeddings), B: (dim, r). A starts at 0, B ~ N(0, 1)."""
 
     a_name, b_name = "lora_embedding_A", "lora_embedding_B"  # PEFT's names for embeddings
+    file_keys = (".lora_embedding_A", ".lora_embedding_B")
 
-    def _new_factors(self, r: int) -> tuple[Tensor, Tensor]:
+    def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         num, dim = self.base_layer.weight.shape
-        return self._param_like(r, num), self._param_like(dim, r)
+        return (r, num), (dim, r)
 
     def _init_factors(self, A: Tensor, B: Tensor, r: int, init: str) -> None:
         with torch.no_grad():  # as loralib and PEFT: the zero factor is A here
@@ -246,14 +367,13 @@ class LoraEmbedding(LoraModule):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.base_layer(x)
-        self._refuse_rows()
-        if self._use_base_only():
+        if self._refuse_rows() or self._use_base_only():
             return out
         e = self.base_layer
         for n in self.active:
-            after_a = F.embedding(x, self.A(n).t(), e.padding_idx, e.max_norm, e.norm_type,
+            after_a = F.embedding(x, self.A(n).t().to(out.dtype), e.padding_idx, e.max_norm, e.norm_type,
                                   e.scale_grad_by_freq, e.sparse)  # (..., r)
-            out = out + (after_a @ self.B(n).t()) * self.scale[n]
+            out = out + (after_a @ self.B(n).t().to(out.dtype)) * self.scale[n]
         return out
 
 
@@ -262,14 +382,17 @@ class LoraConv(LoraModule):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
+        self.conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[base_layer.weight.dim() - 2]
+
+    @classmethod
+    def check_base(cls, base_layer: nn.Module) -> None:
         if base_layer.groups != 1 or base_layer.padding_mode != "zeros":
             raise LoraConfigError(f"{base_layer}: LoRA supports convolutions with groups=1 and "
                                   "padding_mode='zeros'; exclude this module from targets")
-        self.conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[base_layer.weight.dim() - 2]
 
-    def _new_factors(self, r: int) -> tuple[Tensor, Tensor]:
+    def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         out, inp, *kernel = self.base_layer.weight.shape
-        return self._param_like(r, inp, *kernel), self._param_like(out, r, *([1] * len(kernel)))
+        return (r, inp, *kernel), (out, r, *([1] * len(kernel)))
 
     def delta_weight(self, name: str) -> Tensor:
         A, B = self.A(name), self.B(name)
@@ -278,71 +401,11 @@ class LoraConv(LoraModule):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.base_layer(x)
-        self._refuse_rows()
-        if self._use_base_only():
+        if self._refuse_rows() or self._use_base_only():
             return out
         c = self.base_layer
         for n in self.active:
             xd = F.dropout(x, self.dropout[n], self.training) if self.dropout[n] else x
-            h = self.conv(xd, self.A(n), None, c.stride, c.padding, c.dilation)
-            out = out + self.conv(h, self.B(n)) * self.scale[n]
+            h = self.conv(xd, self.A(n).to(x.dtype), None, c.stride, c.padding, c.dilation)
+            out = out + self.conv(h, self.B(n).to(x.dtype)) * self.scale[n]
         return out
-
-
-class SavedModule(nn.Module):
-    """A module trained in full, one copy per adapter (e.g. a classifier head); the original stays frozen."""
-
-    def __init__(self, original_module: nn.Module) -> None:
-        super().__init__()
-        self.original_module = original_module
-        self.modules_to_save = nn.ModuleDict()
-        self.active: list[str] = []
-        self.disabled = False
-        self.row_adapters: tuple[list[str], Tensor] | None = None
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("original_module"), name)
-
-    @property
-    def adapter_names(self) -> list[str]:
-        return list(self.modules_to_save.keys())
-
-    def add_adapter(self, name: str) -> None:
-        copy = deepcopy(self.original_module)
-        for p in copy.parameters():
-            p.requires_grad_(True)
-        self.modules_to_save[name] = copy
-
-    def delete_adapter(self, name: str) -> None:
-        del self.modules_to_save[name]
-        self.active = [a for a in self.active if a != name]
-
-    def adapter_params(self, name: str) -> list[nn.Parameter]:
-        return list(self.modules_to_save[name].parameters())
-
-    def current(self) -> nn.Module:
-        """The copy of the first active adapter that has one, else the original."""
-        if not self.disabled:
-            for n in self.active:
-                if n in self.modules_to_save:
-                    return self.modules_to_save[n]
-        return self.original_module
-
-    def forward(self, *args, **kwargs):
-        if self.row_adapters is None or self.disabled:
-            return self.current()(*args, **kwargs)
-        # per-row adapters: every row goes through its adapter's copy (or the original); args[0] is batch-first
-        names, ids = self.row_adapters
-        x, rest = args[0], args[1:]
-        out = self.original_module(x, *rest, **kwargs).clone()
-        for k, n in enumerate(names):
-            rows = (ids == k).nonzero(as_tuple=True)[0]
-            if rows.numel() and n in self.modules_to_save:
-                out[rows] = self.modules_to_save[n](x[rows], *rest, **kwargs)
-        return out
-
-    def unwrap(self) -> nn.Module:
-        return self.current()

@@ -72,6 +72,38 @@ def minilm_tokenizer():
     return AutoTokenizer.from_pretrained(minilm_path())
 
 
+def model_state(model) -> dict:
+    """Everything a verb may change, by value: modules (repr and types by path), state_dict, adapter configs,
+    active and merged adapters and their names per layer, requires_grad of every parameter, train/eval flags."""
+    from lorakit.injection import lora_configs, lora_modules
+    from lorakit.layers import LoraModule
+
+    layers = {}
+    for path, m in lora_modules(model):
+        layers[path] = (type(m).__name__, list(m.adapter_names), list(m.active), list(getattr(m, "merged", [])),
+                        bool(m.disabled), dict(getattr(m, "r", {})), dict(getattr(m, "scale", {})),
+                        len(m._unmerged) if isinstance(m, LoraModule) else 0)
+    return {
+        "repr": repr(model),
+        "modules": [(n, type(m).__name__, id(m)) for n, m in model.named_modules()],
+        "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "params": [(n, id(p), p.requires_grad) for n, p in model.named_parameters(remove_duplicate=False)],
+        "training": [(n, m.training) for n, m in model.named_modules()],
+        "configs": dict(lora_configs(model)),
+        "layers": layers,
+    }
+
+
+def assert_unchanged(before: dict, model) -> None:
+    """The model is exactly as `model_state` saw it (tensors bit for bit, same parameter objects)."""
+    after = model_state(model)
+    for key in before:
+        if key == "state_dict":
+            assert before[key].keys() == after[key].keys()
+            for k, v in before[key].items():
+                assert torch.equal(v, after[key][k]) and v.dtype == after[key][k].dtype, k
+        else:
+            assert before[key] == after[key], key
 @pytest.fixture(scope="session")
 def smollm2_dir() -> str:
     """The real SmolLM2-135M-Instruct, converted once (~25 s) into lorakit's cache ($LORAKIT_CACHE or

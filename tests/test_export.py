@@ -99,14 +99,14 @@ def test_inspect_summarises_and_validates(tmp_path):
         row = next(line for line in text.splitlines() if line.startswith(name + " "))
         assert row.split()[1:3] == [kind, str(r)] and f"{norm:.4g}" in row
     lora = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
-    head = sum(p.numel() for p in model.head.modules_to_save["default"].parameters())
+    head = sum(p.numel() for p in model.head.copy("default").parameters())
     assert f"trainable values {lora + head:,} (LoRA {lora:,}" in text
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**config, "rank_pattern": {"lin": 3}}))
     with pytest.raises(AdapterFileError, match="lin: rank 4, but the config"):
         inspect_adapter(tmp_path / "a")
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**config, "r": 0}))
-    with pytest.raises(AdapterFileError, match="r=0"):
+    with pytest.raises(AdapterFileError, match="field 'r': 0: expected an integer >= 1"):
         inspect_adapter(tmp_path / "a")
     with pytest.raises(AdapterFileError, match="not a directory"):
         inspect_adapter(tmp_path / "missing")

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lorakit import LoraConfig, inject
-from lorakit.functional import delta_weight, dropout_keep_mask, lora_linear, mixed_lora_delta
+from lorakit import LoraConfig, functional, inject
+from lorakit.functional import delta_weight, dropout_keep_mask, fold_pays, lora_linear, mixed_lora_delta
 from tests.conftest import make_tiny, randomize_adapters, tiny_inputs
 
 
@@ -71,11 +71,59 @@ def test_dropout_path_equals_reference_with_the_same_mask():
 
 
 def test_frozen_weight_gets_no_grad_and_trainable_weight_uses_autograd():
+    # Full fine-tuning (W trains) and LoRA together: every gradient equals autograd through the dense formula.
     x, W, b, A, B = _tensors(seed=2)
-    Wt = W.clone().requires_grad_(True)
-    out = lora_linear(x, Wt, b, A, B.clone().requires_grad_(True), 0.5)
-    out.sum().backward()
-    torch.testing.assert_close(Wt.grad, torch.ones(10, 15) @ x.reshape(15, 12))
+    ours = [t.clone().requires_grad_(True) for t in (x, W, A, B)]
+    refs = [t.clone().requires_grad_(True) for t in (x, W, A, B)]
+    out = lora_linear(ours[0], ours[1], b, ours[2], ours[3], 0.5)
+    ref = F.linear(refs[0], refs[1] + 0.5 * refs[3] @ refs[2], b)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref.backward(g)
+    for a, r in zip(ours, refs, strict=True):
+        torch.testing.assert_close(a.grad, r.grad, rtol=1e-5, atol=1e-5)
+    frozen = W.clone()
+    lora_linear(x, frozen, b, A.clone().requires_grad_(True), B, 0.5).sum().backward()
+    assert frozen.grad is None
+
+
+def test_fold_threshold_is_rows_above_out_in_over_out_plus_in():
+    assert not fold_pays(1, 576, 576) and not fold_pays(288, 576, 576) and fold_pays(289, 576, 576)
+    assert not fold_pays(8, 1536, 576) and fold_pays(1024, 1536, 576)
+
+
+@pytest.mark.parametrize("rows", [2, 64])  # 12 -> 10 features: folding pays from 6 rows on
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "frozen_inputs"])
+def test_inference_paths_equal_dense_and_never_enter_autograd(rows, mode, monkeypatch):
+    x, W, b, A, B = _tensors(seed=6, n=rows, seq=1)
+    ref = F.linear(x, W + 0.75 * B @ A, b)
+    Ag, Bg = A.clone().requires_grad_(True), B.clone().requires_grad_(True)
+    monkeypatch.setattr(functional._LeanLoraLinear, "apply", None)  # entering it would raise TypeError
+    if mode == "no_grad":
+        with torch.no_grad():
+            out = lora_linear(x, W, b, Ag, Bg, 0.75)
+    elif mode == "inference_mode":
+        with torch.inference_mode():
+            out = lora_linear(x, W, b, Ag, Bg, 0.75)
+    else:
+        out = lora_linear(x, W, b, A, B, 0.75)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [2, 64])
+def test_lean_path_few_and_many_rows_equal_dense_with_grads(rows):
+    x, W, b, A, B = _tensors(seed=7, n=rows, seq=1)
+    ours = [t.clone().requires_grad_(True) for t in (x, A, B)]
+    refs = [t.clone().requires_grad_(True) for t in (x, A, B)]
+    out = lora_linear(ours[0], W, b, ours[1], ours[2], 1.5)
+    ref = F.linear(refs[0], W + 1.5 * refs[2] @ refs[1], b)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref.backward(g)
+    for a, r in zip(ours, refs, strict=True):
+        torch.testing.assert_close(a.grad, r.grad, rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_matches_fp32_reference_within_bf16_tolerance():

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from lorakit import LoraConfig, LoraConfigError, count_parameters, inject, parameter_table, select
-from lorakit.layers import LoraLinear, SavedModule
+from lorakit.layers import LoraLinear
+from lorakit.saved import SavedModule
 from tests.conftest import make_minilm, make_tiny
 
 
@@ -88,7 +89,27 @@ def test_inject_freezes_base_and_trains_only_adapter_and_head():
     for n, p in model.named_parameters():
         if n not in trainable:
             assert torch.equal(p, before[n]), n  # frozen W0 (and the original head) unchanged
-    assert "LoRA A" in parameter_table(model) and "trainable" in parameter_table(model)
+
+
+def test_parameter_table_numbers():
+    bare = make_minilm()
+    biases = [p.numel() for n, p in bare.named_parameters() if n.endswith("bias")]
+    total = sum(p.numel() for p in bare.parameters())
+    model = inject(make_minilm(), LoraConfig(r=4, modules_to_save=["classifier"]))
+    rows = {}
+    for line in parameter_table(model).splitlines()[1:-1]:
+        *kind, tensors, values, trainable = line.split()
+        rows[" ".join(kind)] = (int(tensors.replace(",", "")), int(values.replace(",", "")),
+                                int(trainable.replace(",", "")))
+    lora = 12 * 4 * 384  # 12 query/value layers, A (4, 384) and B (384, 4)
+    head = 2 * 384 + 2  # the classifier copy
+    assert rows == {
+        "LoRA A": (12, lora, lora), "LoRA B": (12, lora, lora), "modules_to_save": (2, head, head),
+        "bias": (len(biases), sum(biases), 0), "base weights": (len(list(bare.parameters())) - len(biases),
+                                                                total - sum(biases), 0)}
+    last = parameter_table(model).splitlines()[-1]
+    assert last == (f"LoRA layers: 12; trainable {2 * lora + head:,} of {total + 2 * lora + head:,} "
+                    f"({100 * (2 * lora + head) / (total + 2 * lora + head):.4f}%)")
 
 
 @pytest.mark.parametrize("bias, n_bias", [("none", 0), ("lora_only", 12), ("all", None)])

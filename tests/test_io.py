@@ -15,17 +15,20 @@ from lorakit import (
     AdapterFileError,
     AdapterNotFound,
     LoraConfig,
+    LoraConfigError,
     active_adapters,
     combine,
+    delete_adapter,
     inject,
     load_adapter,
     merge,
     save_adapter,
 )
 from lorakit.adapters import set_adapter
-from lorakit.inject import lora_configs
+from lorakit.injection import lora_configs
 from lorakit.io import adapter_dir, check_adapter_name
-from tests.conftest import make_minilm, make_tiny, randomize_adapters, tiny_inputs
+from tests.conftest import assert_unchanged as conftest_unchanged
+from tests.conftest import make_minilm, make_tiny, model_state, randomize_adapters, tiny_inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:peft.*", "ignore::FutureWarning")
 
@@ -56,22 +59,18 @@ def toy_with_adapter(config=TOY_CONFIG, name="default", seed=0):
     inject(model, config, name)
     randomize_adapters(model, name, std=0.3, seed=seed)
     with torch.no_grad():
-        for p in model.head.modules_to_save[name].parameters():
+        for p in model.head.copy(name).parameters():
             p.add_(0.1 * (seed + 1))
     return model
 
 
 def snapshot(model):
-    return repr(model), {k: v.clone() for k, v in model.state_dict().items()}, dict(lora_configs(model))
+    return model_state(model)
 
 
 def assert_unchanged(model, snap):
-    text, state, configs = snap
-    assert repr(model) == text and dict(lora_configs(model)) == configs
-    now = model.state_dict()
-    assert now.keys() == state.keys()
-    for k, v in state.items():
-        assert torch.equal(now[k], v), k
+    """The full check of tests/conftest.py: modules, state_dict, configs, active/merged, requires_grad, modes."""
+    conftest_unchanged(snap, model)
 
 
 def _out(model, inputs):
@@ -102,7 +101,7 @@ def test_lorakit_minilm_loads_in_peft(tmp_path, minilm_tokenizer):
                             task_type="SEQ_CLS"))
     randomize_adapters(ours, std=0.05)
     with torch.no_grad():
-        ours.classifier.modules_to_save["default"].weight.add_(0.1)
+        ours.classifier.copy("default").weight.add_(0.1)
     inputs = dict(minilm_tokenizer(["a gripping, funny film", "dull"], padding=True, return_tensors="pt"))
     cfg = _to_peft(make_minilm, ours, tmp_path / "a", inputs)
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 8 and cfg["use_rslora"] is True
@@ -157,7 +156,7 @@ def test_save_dtype_and_bad_dtype(tmp_path):
     back = Toy().eval()
     load_adapter(back, tmp_path / "bf16")
     torch.testing.assert_close(_out(back, TOY_IDS), _out(ours, TOY_IDS), rtol=2e-2, atol=2e-2)
-    with pytest.raises(Exception, match="dtype='int8'"):
+    with pytest.raises(LoraConfigError, match="dtype='int8'"):
         save_adapter(ours, tmp_path / "x", dtype="int8")
 
 
@@ -194,7 +193,7 @@ def test_peft_minilm_loads_in_lorakit(tmp_path, minilm_tokenizer):
     config = PeftConfig(r=2, target_modules=["dense"], modules_to_save=["pooler", "classifier"],
                         init_lora_weights=False)  # PEFT leaves pooler.dense, inside a saved module, alone
     ours = _from_peft(make_minilm, config, tmp_path / "inside", inputs)
-    assert not hasattr(ours.bert.pooler.modules_to_save["default"].dense, "lora_A")
+    assert not hasattr(ours.bert.pooler.copy("default").dense, "lora_A")
     for bias in ("all", "lora_only"):
         config = PeftConfig(r=2, lora_alpha=4, target_modules=["key", "dense"], bias=bias, task_type="SEQ_CLS",
                             init_lora_weights="gaussian")
@@ -287,6 +286,26 @@ def test_bad_adapter_names(tmp_path, name):
 
 def test_good_adapter_names(tmp_path):
     assert adapter_dir(tmp_path, "sst2-r8.v1_x") == tmp_path / "sst2-r8.v1_x"
+
+
+def test_names_with_dots_work_everywhere(tmp_path):
+    # '.' is refused by torch in parameter names; the layers key it as "%2E" and files never carry the name.
+    saved = toy_with_adapter(name="sst2-r8.v1", seed=3)
+    assert "sst2-r8.v1: r=4, scale=0.75" in repr(saved.lin)  # rank_pattern gives lin r=4
+    save_adapter(saved, tmp_path / "sst2-r8.v1", "sst2-r8.v1")
+    keys = safetensors.torch.load_file(tmp_path / "sst2-r8.v1" / "adapter_model.safetensors").keys()
+    assert "base_model.model.lin.lora_A.weight" in keys and not any("v1" in k or "%2E" in k for k in keys)
+    model = toy_with_adapter(seed=1)  # "default" is taken, so the directory's name is used
+    assert load_adapter(model, tmp_path / "sst2-r8.v1") == "sst2-r8.v1"
+    assert "sst2-r8.v1" in repr(model) and lora_configs(model).keys() == {"default", "sst2-r8.v1"}
+    set_adapter(model, "sst2-r8.v1")
+    torch.testing.assert_close(_out(model, TOY_IDS), _out(saved, TOY_IDS))
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        n for n in dict(model.named_parameters()) if "sst2-r8%2Ev1" in n}
+    combine(model, ["default", "sst2-r8.v1"], [1.0, 1.0], "sum.1", method="cat")
+    delete_adapter(model, "sst2-r8.v1")
+    assert not any("%2E" in n and "v1" in n for n, _ in model.named_parameters())
+    assert model.lin.adapter_names == ["default", "sum.1"] and model.head.adapter_names == ["default", "sum.1"]
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):

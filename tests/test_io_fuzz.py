@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lorakit import AdapterFileError, load_adapter, save_adapter
-from lorakit.inject import lora_configs
+from lorakit.injection import lora_configs
 from tests.test_io import TOY_IDS, assert_unchanged, snapshot, toy_with_adapter
 
 FUZZ = settings(max_examples=int(os.environ.get("LORAKIT_FUZZ_EXAMPLES", 40)), deadline=5000, database=None,

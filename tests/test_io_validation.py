@@ -6,18 +6,32 @@ import pytest
 import safetensors.torch
 import torch
 
-from lorakit import AdapterFileError, load_adapter, save_adapter
+import lorakit.adapter_file
+from lorakit import AdapterFileError, LoraConfig, inject, load_adapter, save_adapter
 from tests.conftest import make_tiny
 from tests.test_io import Toy, assert_unchanged, snapshot, toy_with_adapter
 
+UNSUPPORTED = ": this PEFT option is not supported by lorakit yet; only adapters without it can be loaded"
 
-@pytest.mark.parametrize("field, value", [
-    ("use_dora", True), ("layer_replication", [[0, 1]]), ("init_lora_weights", "pissa"), ("lora_bias", True),
-    ("loftq_config", {"loftq_bits": 4}), ("layers_to_transform", [0]), ("peft_type", "IA3"),
-    ("some_future_option", 3), ("r", "4"), ("rank_pattern", {"lin": "2"}), ("modules_to_save", "head"),
-    ("target_modules", "(a+)+b"), ("target_modules", None), ("lora_alpha", -1),
+
+@pytest.mark.parametrize("field, value, message", [
+    ("use_dora", True, "field 'use_dora': True" + UNSUPPORTED),
+    ("layer_replication", [[0, 1]], "field 'layer_replication': [[0, 1]]" + UNSUPPORTED),
+    ("init_lora_weights", "pissa", "field 'init_lora_weights': 'pissa' is not true or 'gaussian'"),
+    ("lora_bias", True, "field 'lora_bias': True" + UNSUPPORTED),
+    ("loftq_config", {"loftq_bits": 4}, "field 'loftq_config': {'loftq_bits': 4}" + UNSUPPORTED),
+    ("layers_to_transform", [0], "field 'layers_to_transform': [0]" + UNSUPPORTED),
+    ("peft_type", "IA3", "field 'peft_type': 'IA3' is not supported; lorakit reads peft_type 'LORA' only"),
+    ("some_future_option", 3, "field 'some_future_option': 3: unknown PEFT field with a non-default value"),
+    ("r", "4", "field 'r': '4' is not an integer >= 1"),
+    ("rank_pattern", {"lin": "2"}, "field 'rank_pattern': {'lin': '2'} is not an object {module pattern: integer"),
+    ("modules_to_save", "head", "field 'modules_to_save': 'head' is not null or a list of names"),
+    ("target_modules", "(a+)+b", "field 'target_modules': regex repeats a group, e.g. (...)+"),
+    ("target_modules", None, "field 'target_modules': null; expected the list of adapted module names"),
+    ("lora_alpha", -1, "field 'lora_alpha': -1: expected a number > 0"),
+    ("lora_dropout", 1.5, "field 'lora_dropout': 1.5: expected a number in [0, 1)"),
 ])
-def test_unsupported_or_bad_config_fields_are_refused_by_name(tmp_path, field, value):
+def test_unsupported_or_bad_config_fields_are_refused_by_name(tmp_path, field, value, message):
     save_adapter(toy_with_adapter(), tmp_path / "a")
     path = tmp_path / "a" / "adapter_config.json"
     cfg = json.loads(path.read_text())
@@ -27,7 +41,7 @@ def test_unsupported_or_bad_config_fields_are_refused_by_name(tmp_path, field, v
     snap = snapshot(model)
     with pytest.raises(AdapterFileError) as e:
         load_adapter(model, tmp_path / "a")
-    assert "adapter_config.json" in str(e.value) and (field in str(e.value) or "alpha" in str(e.value))
+    assert str(e.value).startswith(f"{path}: ") and message in str(e.value), str(e.value)
     assert_unchanged(model, snap)
 
 
@@ -120,3 +134,45 @@ def test_wrong_base_model_is_refused(tmp_path):
     with pytest.raises(AdapterFileError, match="target_modules"):
         load_adapter(model, tmp_path / "a")
     assert_unchanged(model, snap)
+
+
+def test_weights_over_the_size_cap_are_refused_before_reading(tmp_path, monkeypatch):
+    save_adapter(toy_with_adapter(), tmp_path / "a")
+    size = (tmp_path / "a" / "adapter_model.safetensors").stat().st_size
+    read = []
+    monkeypatch.setattr(lorakit.adapter_file, "parse_safetensors", lambda *a: read.append(1))
+    model = Toy()
+    snap = snapshot(model)
+    with pytest.raises(AdapterFileError, match=rf"adapter_model.safetensors: {size:,} bytes, over the 1,000-byte cap"):
+        load_adapter(model, tmp_path / "a", max_bytes=1000)
+    assert not read
+    assert_unchanged(model, snap)
+
+
+def test_finite_in_the_file_but_inf_in_an_fp16_model_is_refused(tmp_path):
+    model = Toy()
+    inject(model, LoraConfig(r=2, targets=["lin"]))
+    with torch.no_grad():
+        model.lin.A("default").fill_(1e5)  # fine in the fp32 file and in fp32 adapters; inf as fp16
+    save_adapter(model, tmp_path / "a")
+    load_adapter(Toy(), tmp_path / "a")  # an fp32 model takes it
+    half = Toy().half()
+    snap = snapshot(half)
+    with pytest.raises(AdapterFileError, match=r"lin.lora_A.weight: values overflow to Inf in the model's "
+                                               r"torch.float16 \(largest magnitude 1e\+05\)"):
+        load_adapter(half, tmp_path / "a")
+    assert_unchanged(half, snap)
+
+
+def test_symlinks_leaving_the_adapter_directory_are_refused(tmp_path):
+    save_adapter(toy_with_adapter(), tmp_path / "a")
+    outside = tmp_path / "elsewhere.safetensors"
+    (tmp_path / "a" / "adapter_model.safetensors").rename(outside)
+    (tmp_path / "a" / "adapter_model.safetensors").symlink_to(outside)
+    with pytest.raises(AdapterFileError, match="a symlink to .*elsewhere.safetensors, outside the adapter directory"):
+        load_adapter(Toy(), tmp_path / "a")
+    inside = tmp_path / "a" / "weights.bin"  # a link inside the directory is fine
+    outside.rename(inside)
+    (tmp_path / "a" / "adapter_model.safetensors").unlink()
+    (tmp_path / "a" / "adapter_model.safetensors").symlink_to(inside)
+    load_adapter(Toy(), tmp_path / "a")

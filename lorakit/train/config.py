@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +15,24 @@ METHODS = ("lora", "full", "top-k", "bitfit", "head")
 SCHEDULES = ("linear", "cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
+# Each method's default peak lr and global batch, used where lr / batch_size are left None (README, "The
+# recipe": the values of its SST-2 table; top-k as full fine-tuning). An explicit value always wins.
+METHOD_RECIPES: dict[str, dict[str, float | int]] = {
+    "lora": {"lr": 1e-3, "batch_size": 16},
+    "full": {"lr": 5e-5, "batch_size": 32},
+    "top-k": {"lr": 5e-5, "batch_size": 32},
+    "bitfit": {"lr": 1e-3, "batch_size": 32},
+    "head": {"lr": 1e-2, "batch_size": 32},
+}
 
 
 @dataclass
 class TrainConfig:
     """One training run. The defaults are lorakit's LoRA recipe for small encoders (README, "The recipe"):
     all-linear targets, r=8, alpha=16, no dropout, lr 1e-3, batch 16, 3 epochs, 6% warmup, linear decay.
+    lr and batch_size left None take the method's own recipe (METHOD_RECIPES), e.g. full: lr 5e-5, batch 32.
 
-    model: base model directory (Hugging Face layout); None = the bundled all-MiniLM-L6-v2.
+    model: base model directory (Hugging Face layout) or a bundled model's name (minilm, smollm2); None = minilm.
     task: sst2, rte, wnut17, e2e, or a generic classification, pair-classification, ner, causal-lm.
     data: data directory holding the train and dev files; None = the task's bundled copy.
     out: run directory (adapter/, metrics.jsonl, config.json, curves.png); None = runs/<task>-<method>.
@@ -35,12 +45,12 @@ class TrainConfig:
     use_rslora: scale LoRA by alpha / sqrt(r) instead of alpha / r.
     top_k: for method top-k: how many of the last transformer blocks train, beside the head.
     extra_trainable: modules trained in full beside the head, e.g. ["pooler"].
-    lr: peak learning rate (AdamW).
+    lr: peak learning rate (AdamW); None = the method's recipe.
     lora_plus_ratio: LoRA+: the B matrices learn at lr * lora_plus_ratio (1 = plain LoRA).
     epochs: passes over the training split (used when max_steps is 0).
     max_steps: optimizer steps to run; 0 = epochs * steps per epoch.
-    batch_size: examples per forward pass, over all processes together.
-    eval_batch_size: examples per forward pass at evaluation.
+    batch_size: the global batch: examples per forward pass, all processes together; None = the method's recipe.
+    eval_batch_size: examples per forward pass at evaluation, per process (each scores its share of dev).
     max_length: longest tokenized sequence; longer ones are truncated.
     warmup_ratio: fraction of the steps with a linear warmup from 0 to lr.
     schedule: learning-rate decay after warmup: linear (to 0), cosine (to 0) or constant.
@@ -73,11 +83,11 @@ class TrainConfig:
     use_rslora: bool = False
     top_k: int = 2
     extra_trainable: list[str] = field(default_factory=list)
-    lr: float = 1e-3
+    lr: float | None = None
     lora_plus_ratio: float = 1.0
     epochs: int = 3
     max_steps: int = 0
-    batch_size: int = 16
+    batch_size: int | None = None
     eval_batch_size: int = 64
     max_length: int = 128
     warmup_ratio: float = 0.06
@@ -98,6 +108,10 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        recipe = METHOD_RECIPES.get(self.method, METHOD_RECIPES["lora"])  # unknown method: validate names it
+        for name, value in recipe.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         self.extra_trainable = list(self.extra_trainable or [])
         if isinstance(self.targets, tuple):
             self.targets = list(self.targets)
@@ -157,6 +171,29 @@ def field_help() -> dict[str, str]:
     return out
 
 
+def recipe_line(config: TrainConfig) -> str:
+    """One line: the values that shape the optimisation, then which were given; the rest are defaults (the
+    field's default, or for lr and batch_size the method's recipe)."""
+    names = ["lr", "batch_size", "max_steps" if config.max_steps else "epochs", "warmup_ratio", "schedule",
+             "weight_decay", "grad_accum", "max_grad_norm", "seed", "precision"]
+    names = {"lora": ["targets", "r", "alpha", "dropout"], "top-k": ["top_k"]}.get(config.method, []) + names
+    defaults = {f.name: f.default for f in fields(TrainConfig)} | METHOD_RECIPES.get(config.method, {})
+    shown = [f"{n} {_show(getattr(config, n))}" for n in names]
+    shown[names.index("batch_size")] += " (global)"
+    given = [n for n in names if getattr(config, n) != defaults[n]]
+    tail = (f"given: {', '.join(given)}; the rest are {config.method}'s defaults" if given
+            else f"all {config.method}'s defaults")
+    return f"recipe (method {config.method}): {', '.join(shown)} ({tail})"
+
+
+def _show(value: Any) -> str:
+    if value is None:  # targets
+        return "the architecture's q,v"
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 # Fields that may differ between a run and its resumption (they do not change the numbers).
 RESUMABLE_CHANGES = ("resume", "progress", "out", "device", "threads", "gradient_checkpointing")
 
@@ -172,11 +209,12 @@ def _is_number(v: Any) -> bool:
 # `lorakit train --task T` with no other flag: the fields below replace TrainConfig's defaults (which are
 # the small-encoder recipe); any flag given on the command line wins. Python's TrainConfig never applies
 # them (call `with_recipe`).
-# e2e: LoRA on every linear layer of SmolLM2-135M-Instruct, r=8, one epoch of the train part of
-# valid.txt (4,2xx pairs, ~530 steps of batch 8: ~40 min at the ~4-5 s/step measured here on 2 cores).
+# e2e: LoRA on every linear layer of SmolLM2-135M-Instruct, r=8, lr 1e-3 (METHOD_RECIPES), one epoch of
+# the train part of valid.txt (4,179 pairs, 523 steps of batch 8: ~40 min at the ~4-5 s/step measured here
+# on 2 cores). Other methods keep their own lr (METHOD_RECIPES) at the same batch and budget.
 RECIPES: dict[str, dict[str, Any]] = {
-    "e2e": {"model": "smollm2", "targets": "all-linear", "r": 8, "alpha": 16.0, "lr": 1e-3, "batch_size": 8,
-            "epochs": 1, "max_length": 128, "warmup_ratio": 0.06, "eval_every": 200, "eval_batch_size": 32},
+    "e2e": {"model": "smollm2", "targets": "all-linear", "r": 8, "alpha": 16.0, "batch_size": 8, "epochs": 1,
+            "max_length": 128, "warmup_ratio": 0.06, "eval_every": 200, "eval_batch_size": 32},
 }
 
 

@@ -47,6 +47,7 @@ class TaskData:
     train: list
     dev: list
     labels: list[str]
+    dev_path: Path | None = None  # the file the dev split was read from
 
 
 def bundled_data_dir(task: str) -> Path:
@@ -106,7 +107,39 @@ def load_task(task: str, data_dir: str | Path | None = None) -> TaskData:
         labels = _bio_labels(train_path, train, dev_path, dev)
     else:
         labels = []
-    return TaskData(task=task, kind=kind, train=train, dev=dev, labels=labels)
+    return TaskData(task=task, kind=kind, train=train, dev=dev, labels=labels, dev_path=dev_path)
+
+
+# Readers for one file, by kind: the first whose suffix the name ends with ("" = any). The suffixes are what
+# tells the formats apart in the training layouts too (dev.tsv vs *.dev, dev.jsonl vs test.txt).
+_FILE_READERS = {"classification": [(".tsv", read_glue_tsv), ("", read_label_lines)],
+                 "token_classification": [("", read_conll)],
+                 "causal_lm": [(".jsonl", read_jsonl), ("", read_e2e)]}
+
+
+def load_eval_file(task: str, path: str | Path) -> TaskData:
+    """One data file of `task` as an evaluation split (TaskData.dev; train empty): its format from its name
+    (GLUE `.tsv` or label lines; CoNLL; `.jsonl` or E2E), its labels those it holds (a subset suffices)."""
+    generic = _ALIASES.get(task, task)
+    if generic not in _TASKS:
+        raise DataError(f"unknown task {task!r}; expected one of {TASKS}.")
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist; pass a data file or a directory holding a dev split.")
+    kind, _, pairs = _TASKS[generic]
+    reader = next(r for suffix, r in _FILE_READERS[kind] if path.name.endswith(suffix))
+    examples = reader(path)
+    if not examples:
+        raise DataError(f"{path}: no examples found; the file is empty or holds only blank lines/header.")
+    if kind == "classification":
+        _check_pairs(task, path, examples, pairs)
+        labels = _sort_labels({ex.label for ex in examples})
+    elif kind == "token_classification":
+        types = sorted({tag[2:] for ex in examples for tag in ex.tags if tag != "O"})
+        labels = ["O"] + [f"{p}-{t}" for t in types for p in "BI"]
+    else:
+        labels = []
+    return TaskData(task=task, kind=kind, train=[], dev=examples, labels=labels, dev_path=path)
 
 
 E2E_DEV_FRACTION = 0.1  # task e2e: this share of valid.txt's MRs (all their references) is the dev split
@@ -357,6 +390,6 @@ def collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 __all__ = ["DataError", "TextExample", "TokenExample", "LMExample", "TaskData", "TASKS", "bundled_data_dir",
-           "load_task", "read_glue_tsv", "read_label_lines", "read_conll", "read_jsonl", "read_e2e",
+           "load_eval_file", "load_task", "read_glue_tsv", "read_label_lines", "read_conll", "read_jsonl", "read_e2e",
            "encode", "make_batches", "collate", "pad_token_id", "split_by_mr", "E2E_DEV_FRACTION", "LM_SEPARATOR",
            "IGNORE_INDEX"]

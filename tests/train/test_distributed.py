@@ -1,5 +1,6 @@
 """torchrun with 2 processes (gloo, CPU) on a tiny model: the ranks end with identical adapters, equal to a
-single-process run with the same global batch; DDP synchronises the trainable tensors only."""
+single-process run with the same global batch; DDP synchronises the trainable tensors only; with LoRA dropout
+each rank draws its own masks."""
 
 import json
 import os
@@ -25,17 +26,20 @@ SETTINGS = dict(task="sst2", targets=None, train_limit=64, dev_limit=16, batch_s
 TOLERANCE = 1e-5
 
 
-def test_two_processes_match_one(tmp_path, tiny_bert_dir):
-    config = TrainConfig(model=tiny_bert_dir, out=str(tmp_path / "ddp"), **SETTINGS)
-    (tmp_path / "ddp").mkdir()
+def _torchrun(config: TrainConfig, tmp_path: Path) -> list[dict]:
+    """Train `config` in 2 processes; each rank's trained tensors."""
+    Path(config.out).mkdir()
     config.save(tmp_path / "config.json")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "tests" / "train" / "ddp_worker.py"), str(tmp_path / "config.json")]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return [load_file(str(Path(config.out) / f"rank{r}.safetensors")) for r in (0, 1)]
 
-    ranks = [load_file(str(tmp_path / "ddp" / f"rank{r}.safetensors")) for r in (0, 1)]
+
+def test_two_processes_match_one(tmp_path, tiny_bert_dir):
+    ranks = _torchrun(TrainConfig(model=tiny_bert_dir, out=str(tmp_path / "ddp"), **SETTINGS), tmp_path)
     assert sorted(ranks[0]) == sorted(ranks[1]) and all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
     for r in (0, 1):
         facts = json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text())
@@ -55,3 +59,16 @@ def test_two_processes_match_one(tmp_path, tiny_bert_dir):
     assert worst <= TOLERANCE, worst
     lora_b = [k for k in single if ".lora_B." in k]
     assert len(lora_b) == 4 and min(float(single[k].abs().max()) for k in lora_b) > 1e-3  # B left 0: it trained
+
+
+def test_ranks_draw_their_own_dropout_masks_and_stay_in_sync(tmp_path, tiny_bert_dir):
+    """Same seed on every rank (so the init is identical), then a per-rank stream: rank 1's rows must not get
+    rank 0's dropout masks, and DDP still keeps the adapters bit-identical."""
+    settings = {**SETTINGS, "dropout": 0.1, "max_steps": 3, "grad_accum": 1}
+    ranks = _torchrun(TrainConfig(model=tiny_bert_dir, out=str(tmp_path / "ddp"), **settings), tmp_path)
+    assert sorted(ranks[0]) == sorted(ranks[1]) and all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+    assert any(float(v.abs().max()) > 0 for k, v in ranks[0].items() if ".lora_B." in k)  # it trained
+    seeds = [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text())["mask_seeds"] for r in (0, 1)]
+    # 3 steps x 4 LoRA layers (q, v of 2 blocks), each mask drawn in forward and replayed in backward
+    assert len(seeds[0]) == len(seeds[1]) == 3 * 4 * 2
+    assert not set(seeds[0]) & set(seeds[1]), "rank 1 replayed rank 0's dropout masks"

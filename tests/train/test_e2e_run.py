@@ -11,7 +11,7 @@ from lorakit import e2e_metrics
 from lorakit.cli import build_parser, config_from_args, given_fields, main
 from lorakit.e2e_metrics import bleu, group_by_mr, nist
 from lorakit.generate import generate
-from lorakit.train.config import RECIPES, TrainConfig
+from lorakit.train.config import METHOD_RECIPES, RECIPES, TrainConfig
 from lorakit.train.data import E2E_DEV_FRACTION, bundled_data_dir, load_task, read_e2e, split_by_mr
 from lorakit.train.inference import load_trained
 from lorakit.train.loop import train
@@ -40,7 +40,11 @@ def test_e2e_recipe_fills_only_flags_not_given():
     recipe = RECIPES["e2e"]
     assert config == TrainConfig(**{**recipe, "task": "e2e"}) and config.model == "smollm2"
     mine = _train_config(["train", "--task", "e2e", "--r", "8", "--alpha=4", "--targets", "q_proj", "v_proj"])
-    assert (mine.r, mine.alpha, mine.targets, mine.lr, mine.epochs) == (8, 4.0, ["q_proj", "v_proj"], recipe["lr"], 1)
+    assert (mine.r, mine.alpha, mine.targets, mine.lr, mine.epochs) == (8, 4.0, ["q_proj", "v_proj"], 1e-3, 1)
+    full = _train_config(["train", "--task", "e2e", "--method", "full"])  # the method keeps its own lr
+    assert (full.lr, full.batch_size, full.model) == (METHOD_RECIPES["full"]["lr"], 8, "smollm2")
+    hf = _train_config(["train", "--task", "e2e", "--per_device_train_batch_size", "4"])
+    assert hf.batch_size == 4
     assert _train_config(["train", "--task", "sst2"]) == TrainConfig(task="sst2")
 
 

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from lorakit.errors import LoraConfigError
-from lorakit.inject import count_parameters
+from lorakit.injection import count_parameters
 from lorakit.layers import LoraModule
+from lorakit.train import loop
 from lorakit.train.config import TrainConfig
 from lorakit.train.loop import train
 from lorakit.train.methods import head_names, param_groups, prepare, transformer_blocks
@@ -73,11 +74,25 @@ def test_each_method_trains_and_leaves_frozen_tensors_alone(tiny_bert_dir, tmp_p
     assert result.summary["trainable"] == EXPECTED[method][0]
 
 
-def test_lora_b_learns_and_a_moves(tiny_bert_dir, tmp_path):
-    model = _model(tiny_bert_dir)
-    train(_config(tmp_path, tiny_bert_dir, "lora"), model=model)
+def test_lora_b_learns_and_a_moves(tiny_bert_dir, tmp_path, monkeypatch):
+    """B leaves 0 and A leaves its random init, in every layer. (A's gradient is s·Bᵀ·g·xᵀ: zero while B is 0,
+    so A only moves once B has; a bug that froze A or re-initialised it would leave A at its init.)"""
+    model, at_init = _model(tiny_bert_dir), {}
+
+    def prepare_and_record(*args, **kwargs):  # the loop's own prepare, then a copy of each A it initialised
+        out = prepare(*args, **kwargs)
+        at_init.update({id(m): m.A("default").detach().clone() for m in out.modules() if isinstance(m, LoraModule)})
+        return out
+
+    monkeypatch.setattr(loop, "prepare", prepare_and_record)
+    result = train(_config(tmp_path, tiny_bert_dir, "lora", eval_every=20), model=model)
+    assert result.best_step == 20  # one evaluation, after the last step: the model holds the final tensors
     layers = [m for m in model.modules() if isinstance(m, LoraModule)]
-    assert len(layers) == 2 * L and all(m.B("default").abs().sum() > 0 for m in layers)  # B starts at 0
+    assert len(layers) == 2 * L and sorted(at_init) == sorted(map(id, layers))
+    for m in layers:
+        A, A0 = m.A("default").detach(), at_init[id(m)]
+        assert m.B("default").abs().sum() > 0  # B starts at 0
+        assert float(A0.norm()) > 0 and float((A - A0).norm() / A0.norm()) > 1e-2  # A moved, measurably
 
 
 def test_lora_plus_and_weight_decay_groups(tiny_bert_dir, tmp_path):

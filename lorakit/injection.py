@@ -1,14 +1,22 @@
-"""Where LoRA goes: select target modules (a pure function), swap in LoRA layers, freeze the rest."""
+"""Where LoRA goes: select target modules (a pure function), swap in LoRA layers, freeze the rest, activate.
+
+This is the bottom of the model-level code: `adapters` and `io` build on `lora_modules`, `lora_configs`,
+`activate` and `inject` from here, never the other way round.
+"""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 
+import torch
 from torch import nn
 
 from .config import LoraConfig, matches
-from .errors import LoraConfigError
-from .layers import LoraConv, LoraEmbedding, LoraLinear, LoraModule, SavedModule
+from .errors import AdapterNotFound, LoraConfigError, LoraStateError
+from .layers import LoraConv, LoraEmbedding, LoraLinear, LoraModule, LoraSlicedLinear
+from .saved import SavedModule
+from .transaction import all_or_nothing
 
 # The paper's Wq, Wv per architecture (model.config.model_type).
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -35,14 +43,20 @@ def _conv1d_type() -> type | None:
 def layer_table() -> list[tuple[type, Callable[..., LoraModule]]]:
     """Base layer type -> LoRA constructor(base, fan_in_fan_out, slices). One line per layer type."""
     table: list[tuple[type, Callable[..., LoraModule]]] = [
-        (nn.Linear, lambda m, fifo, sl: LoraLinear(m, fan_in_fan_out=False, slices=sl)),
+        (nn.Linear, lambda m, fifo, sl: _linear(m, False, sl)),
         (nn.Embedding, lambda m, fifo, sl: LoraEmbedding(m)),
         ((nn.Conv1d, nn.Conv2d, nn.Conv3d), lambda m, fifo, sl: LoraConv(m)),
     ]
     conv1d = _conv1d_type()
     if conv1d is not None:
-        table.insert(0, (conv1d, lambda m, fifo, sl: LoraLinear(m, fan_in_fan_out=fifo is not False, slices=sl)))
+        table.insert(0, (conv1d, lambda m, fifo, sl: _linear(m, fifo is not False, sl)))
     return table
+
+
+def _linear(base: nn.Module, fan_in_fan_out: bool, slices: list[bool] | None) -> LoraLinear:
+    if slices is None or all(slices):
+        return LoraLinear(base, fan_in_fan_out=fan_in_fan_out)
+    return LoraSlicedLinear(base, slices, fan_in_fan_out=fan_in_fan_out)
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -119,46 +133,145 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
+_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def check_adapter_name(name: str, error: type[Exception] = LoraConfigError) -> str:
+    """`name` if it is 1-128 characters of [A-Za-z0-9._-], not '.' and without '..' (safe as a directory)."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name or name == "." or len(name) > 128:
+        raise error(f"adapter name {name!r}: expected 1-128 characters from [A-Za-z0-9._-] without "
+                    "'..', e.g. 'sst2-r8'")
+    return name
+
+
 def lora_configs(model: nn.Module) -> dict[str, LoraConfig]:
     """The configs of the adapters on `model`, by name (empty if none)."""
     return model.__dict__.setdefault("_lorakit_configs", {})
 
 
-def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Module:
+def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoraModule | SavedModule]]:
+    """(name, module) for every LoRA layer and saved-module wrapper in `model`."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoraModule | SavedModule):
+            yield name, module
+
+
+def is_merged(model: nn.Module) -> bool:
+    return any(m.merged for _, m in lora_modules(model) if isinstance(m, LoraModule))
+
+
+def check_names(model: nn.Module, names: list[str]) -> None:
+    """AdapterNotFound naming the first of `names` not on the model, and the ones that are."""
+    known = list(lora_configs(model))
+    for n in names:
+        if n not in known:
+            raise AdapterNotFound(f"adapter {n!r} is not on this model; adapters present: {known or 'none'} "
+                                  "(add one with inject or load_adapter)")
+
+
+def activate(model: nn.Module, names: list[str]) -> None:
+    """Make `names` the active adapters of every layer (in this order) and make only them trainable."""
+    for _, m in lora_modules(model):
+        m.active = [n for n in names if n in m.adapter_names]
+    refresh_trainable(model)
+
+
+def active_names(model: nn.Module) -> list[str]:
+    """The active adapter names, in activation order."""
+    seen: list[str] = []
+    for _, m in lora_modules(model):
+        seen += [n for n in m.active if n not in seen]
+    return seen
+
+
+def refresh_trainable(model: nn.Module) -> None:
+    """requires_grad from the declarations: only active adapters' tensors, and biases per the bias mode."""
+    active = active_names(model)
+    configs = lora_configs(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    modes = {configs[n].bias for n in active if n in configs}
+    for _, m in lora_modules(model):
+        for n in m.active:
+            for p in m.adapter_params(n):
+                p.requires_grad_(True)
+        if "lora_only" in modes and isinstance(m, LoraModule) and getattr(m.base_layer, "bias", None) is not None:
+            m.base_layer.bias.requires_grad_(True)
+    if "all" in modes:  # every bias of the model itself: not adapter tensors, not a saved module's frozen original
+        skip = {id(p) for _, m in lora_modules(model) for n in m.adapter_names for p in m.adapter_params(n)}
+        skip |= {id(p) for _, m in lora_modules(model) if isinstance(m, SavedModule)
+                 for p in m.original_module.parameters()}
+        for pname, p in model.named_parameters():
+            if pname.rsplit(".", 1)[-1] == "bias" and id(p) not in skip:
+                p.requires_grad_(True)
+
+
+def inject(model: nn.Module, config: LoraConfig, name: str = "default", autocast_adapter_dtype: bool = True,
+           *, active: bool = True) -> nn.Module:
     """Add adapter `name`: wrap each target in a LoRA layer (in place), freeze the rest, make it active.
 
     A second call with another name adds an adapter beside the first on the same (or other) modules.
+    All or nothing: everything is checked and built before the model changes. A merged model is refused
+    (unmerge it first). `autocast_adapter_dtype` (PEFT's name): A and B are fp32 on a bf16/fp16 base, so
+    optimizer updates are not rounded away; the forward casts them. `active=False` adds it frozen, unused.
     """
-    configs = lora_configs(model)
-    if name in configs:
+    check_adapter_name(name)
+    if name in lora_configs(model):
         raise LoraConfigError(f"adapter {name!r} already exists on the model; pick another name or "
                               f"delete_adapter(model, {name!r}) first")
+    if active and is_merged(model):
+        raise LoraStateError(f"cannot add and activate adapter {name!r} on a merged model; call unmerge(model) "
+                             "first")
+    targets, saved = _plan_targets(model, config)
+    layers = _build_layers(model, config, targets, name, autocast_adapter_dtype, active)
+    copies = [(s, m, m.new_copy(trainable=active)) for s, m in _saved_wrappers(model, saved)]
+    with all_or_nothing(model):
+        for target, (layer, factors, r, alpha) in layers.items():
+            if layer is not model.get_submodule(target):
+                _set_submodule(model, target, layer)
+            layer.install(name, *factors, r, alpha, config.dropout, config.use_rslora, trainable=active)
+        for s, wrapper, copy in copies:
+            if wrapper is not model.get_submodule(s):
+                _set_submodule(model, s, wrapper)
+            wrapper.install(name, copy)
+        lora_configs(model)[name] = config
+        if active:
+            activate(model, [name])
+    return model
+
+
+def _plan_targets(model: nn.Module, config: LoraConfig) -> tuple[list[str], list[str]]:
     names = select(model, config)
-    _, slices = resolve(model, config)
     saved = [n for n, _ in model_modules(model) if matches(list(config.modules_to_save), n)]
     missing = [m for m in config.modules_to_save if not any(matches([m], n) for n in saved)]
     if missing:
         raise LoraConfigError(f"modules_to_save={missing} match no module; top-level modules: "
                               f"{[n for n, _ in model.named_children()]}")
-    for target in names:
+    return names, saved
+
+
+def _build_layers(model: nn.Module, config: LoraConfig, targets: list[str], name: str, fp32: bool,
+                  trainable: bool) -> dict[str, tuple[LoraModule, tuple[torch.Tensor, torch.Tensor], int, float]]:
+    """Per target: its LoRA layer (existing, or a new wrapper not yet in the model) and the new adapter's factors."""
+    _, slices = resolve(model, config)
+    out = {}
+    for target in targets:
         module = model.get_submodule(target)
         if not isinstance(module, LoraModule):
             slice_spec = next((v for k, v in slices.items() if matches([k], target)), None)
             module = _wrap(module, config.fan_in_fan_out, slice_spec)
-            _set_submodule(model, target, module)
-        module.add_adapter(name, config.rank_for(target), config.alpha_for(target), config.dropout,
-                           config.init, config.use_rslora)
-    for target in saved:
-        module = model.get_submodule(target)
-        if not isinstance(module, SavedModule):
-            module = SavedModule(module).train(module.training)
-            _set_submodule(model, target, module)
-        module.add_adapter(name)
-    configs[name] = config
-    from .adapters import set_adapter  # adapters builds on inject; imported late to keep one direction
+        r = config.rank_for(target)
+        factors = module.new_factors(r, config.init, module.adapter_dtype(fp32))
+        out[target] = (module, factors, r, config.alpha_for(target))
+    return out
 
-    set_adapter(model, name)
-    return model
+
+def _saved_wrappers(model: nn.Module, saved: list[str]) -> list[tuple[str, SavedModule]]:
+    out = []
+    for s in saved:
+        module = model.get_submodule(s)
+        out.append((s, module if isinstance(module, SavedModule) else SavedModule(module).train(module.training)))
+    return out
 
 
 def _wrap(module: nn.Module, fan_in_fan_out: bool | None, slices: list[bool] | None) -> LoraModule:
@@ -178,12 +291,16 @@ def count_parameters(model: nn.Module) -> dict[str, float]:
 
 def parameter_table(model: nn.Module) -> str:
     """A printable table: trainable values by kind (LoRA A/B, saved modules, biases, other), and totals."""
+    kinds: dict[int, str] = {}  # declared, not found by substring
+    for _, m in lora_modules(model):
+        for n in m.adapter_names:
+            if isinstance(m, LoraModule):
+                kinds[id(m.A(n))], kinds[id(m.B(n))] = "LoRA A", "LoRA B"
+            else:
+                kinds.update(dict.fromkeys(map(id, m.adapter_params(n)), "modules_to_save"))
     groups: dict[str, list[int]] = {}
     for pname, p in model.named_parameters():
-        kind = ("LoRA A" if ".lora_A." in pname or ".lora_embedding_A." in pname else
-                "LoRA B" if ".lora_B." in pname or ".lora_embedding_B." in pname else
-                "modules_to_save" if ".modules_to_save." in pname else
-                "bias" if pname.endswith("bias") else "base weights")
+        kind = kinds.get(id(p)) or ("bias" if pname.endswith("bias") else "base weights")
         row = groups.setdefault(kind, [0, 0, 0])
         row[0] += 1
         row[1] += p.numel()

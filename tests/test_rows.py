@@ -1,0 +1,130 @@
+"""Per-row adapters: one forward, one adapter per row, through a context variable (threads never mix)."""
+
+import threading
+
+import pytest
+import torch
+
+from lorakit import LoraConfig, LoraStateError, adapter_rows, disabled, inject, per_row_adapters, set_adapter
+from lorakit.errors import LoraConfigError
+from tests.conftest import make_tiny, randomize_adapters
+
+IDS = torch.tensor([[5, 17, 42, 8, 9], [3, 3, 71, 20, 1], [60, 2, 14, 15, 90]])
+
+
+def _two_adapter_llama(dropout=0.0):
+    model = make_tiny("llama")
+    inject(model, LoraConfig(r=4, targets=["q_proj", "v_proj"], dropout=dropout), "a")
+    inject(model, LoraConfig(r=2, targets=["v_proj", "o_proj", "down_proj"]), "b")
+    randomize_adapters(model, "a", seed=1, std=0.3)
+    randomize_adapters(model, "b", seed=2, std=0.3)
+    return model
+
+
+def _alone(model, name, ids):
+    with torch.no_grad():
+        if name is None:
+            with disabled(model):
+                return model(input_ids=ids).logits
+        set_adapter(model, name)
+        return model(input_ids=ids).logits
+
+
+def test_rows_equal_each_adapter_alone_and_nothing_is_written_on_the_layers():
+    model = _two_adapter_llama()
+    names = ["b", None, "a"]
+    before = {n: dict(vars(m)) for n, m in model.named_modules()}
+    with torch.no_grad(), per_row_adapters(model, names):
+        mixed = model(input_ids=IDS).logits
+    assert {n: dict(vars(m)) for n, m in model.named_modules()} == before
+    for i, name in enumerate(names):
+        torch.testing.assert_close(mixed[i:i + 1], _alone(model, name, IDS[i:i + 1]), rtol=1e-5, atol=1e-5)
+
+
+def test_low_level_ids_form_and_its_checks():
+    model = _two_adapter_llama()
+    with torch.no_grad(), adapter_rows(["a", "b"], torch.tensor([1, -1, 0])):
+        mixed = model(input_ids=IDS).logits
+    for i, name in enumerate(["b", None, "a"]):
+        torch.testing.assert_close(mixed[i:i + 1], _alone(model, name, IDS[i:i + 1]), rtol=1e-5, atol=1e-5)
+    with pytest.raises(LoraConfigError, match=r"adapter ids \[0, 2\]: expected .* \[-1, 2\)"):
+        with adapter_rows(["a", "b"], [0, 2]):
+            pass
+
+
+def test_batch_size_must_match_the_names():
+    model = _two_adapter_llama()
+    with pytest.raises(LoraStateError, match="the batch has 3 rows but 2 adapter names"), torch.no_grad():
+        with per_row_adapters(model, ["a", "b"]):
+            model(input_ids=IDS)
+    with pytest.raises(LoraStateError, match="the batch has 3 rows but 4 adapter names"), torch.no_grad():
+        with per_row_adapters(model, ["a", "b", None, "a"]):
+            model(input_ids=IDS)
+    with pytest.raises(LoraStateError, match="2x the names .* pass expand=True"), torch.no_grad():
+        with per_row_adapters(model, ["a", None]):
+            model(input_ids=IDS[:2].repeat_interleave(2, 0))
+
+
+def test_training_mode_with_dropout_is_refused_and_gradients_are_right_without():
+    model = _two_adapter_llama(dropout=0.1)
+    model.train()
+    with pytest.raises(LoraStateError, match=r"training mode and adapters \['a'\] have dropout"):
+        with per_row_adapters(model, ["a", "b", None]):
+            pass
+    model = _two_adapter_llama()
+    model.train()
+    set_adapter(model, ["a", "b"])  # both trainable
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    with per_row_adapters(model, ["a", "b", "a"]):
+        model(input_ids=IDS).logits.pow(2).mean().backward()
+    mixed = {n: p.grad.clone() for n, p in params.items()}
+    model.zero_grad()
+    for i, name in enumerate(["a", "b", "a"]):  # reference: each row through its adapter alone, grads summed
+        set_adapter(model, name)
+        (model(input_ids=IDS[i:i + 1]).logits.pow(2).mean() / 3).backward()
+    for n, p in params.items():
+        torch.testing.assert_close(mixed[n], p.grad, rtol=1e-4, atol=1e-7, msg=n)
+
+
+def test_two_threads_with_different_adapters_never_mix():
+    model = _two_adapter_llama()
+    expect = {name: _alone(model, name, IDS) for name in ("a", "b")}
+    barrier, results, errors = threading.Barrier(2), {}, []
+
+    def worker(name):
+        try:
+            with torch.no_grad(), per_row_adapters(model, [name] * 3):
+                outs = []
+                for _ in range(8):
+                    barrier.wait()  # both threads are inside their blocks, forwards interleave
+                    outs.append(model(input_ids=IDS).logits)
+            results[name] = outs
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for name in ("a", "b"):
+        for out in results[name]:
+            torch.testing.assert_close(out, expect[name], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [dict(num_return_sequences=2, do_sample=False, num_beams=2), dict(num_beams=3)])
+def test_generate_with_expanded_batches(kwargs):
+    model = _two_adapter_llama()
+    prompt = IDS[:2, :3]
+    gen = dict(max_new_tokens=4, pad_token_id=0, attention_mask=torch.ones_like(prompt), **kwargs)
+    with per_row_adapters(model, ["a", "b"], expand=True):
+        mixed = model.generate(prompt, **gen)
+    for i, name in enumerate(["a", "b"]):
+        set_adapter(model, name)
+        alone = model.generate(prompt[i:i + 1], **{**gen, "attention_mask": torch.ones_like(prompt[i:i + 1])})
+        k = alone.shape[0]
+        assert torch.equal(mixed[i * k:(i + 1) * k], alone)
+    with pytest.raises(LoraStateError, match="pass expand=True"), per_row_adapters(model, ["a", "b"]):
+        model.generate(prompt, **gen)
