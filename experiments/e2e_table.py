@@ -8,7 +8,7 @@ The zero-shot row is the bare base model prompted with an instruction through it
 
 Resumable: each finished row is saved to the results json and skipped on a rerun.
 
-    python experiments/e2e_table.py                  # the full table (~6 h on 2 cores; see README)
+    python experiments/e2e_table.py                  # the full table (4-6 h on 2 cores; see docs/llm.md)
     python experiments/e2e_table.py --quick          # smoke test: a few steps, 4 MRs per row
 """
 
