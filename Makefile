@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 export OMP_WAIT_POLICY=PASSIVE
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench experiments experiments-quick clean
 
 install: $(STAMP)
 
@@ -32,6 +32,14 @@ bench: install
 	$(BIN)/python benchmarks/train_step.py --dropout 0.0
 	$(BIN)/python benchmarks/train_step.py --dropout 0.1
 	$(BIN)/python benchmarks/generate_speed.py
+
+# The paper in miniature (docs/RESULTS.md): about 6 hours on 2 CPU cores; each experiment resumes where it stopped.
+EXPERIMENTS ?= lr-sweep glue-mini rank targets ner subspace
+experiments: install
+	for e in $(EXPERIMENTS); do $(BIN)/lorakit experiment $$e || exit 1; done
+
+experiments-quick: install
+	for e in $(EXPERIMENTS); do $(BIN)/lorakit experiment $$e --quick || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -24,7 +24,7 @@ from .io import load_adapter, save_adapter
 from .rows import adapter_rows
 
 # The module was lorakit/inject.py, whose name the function `inject` shadows; it is lorakit/injection.py now.
-# Old `from lorakit.inject import ...` lines keep working through this alias (to be removed).
+# Old `from lorakit.injection import ...` lines keep working through this alias (to be removed).
 _sys.modules.setdefault(__name__ + ".inject", _injection)
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""`lorakit train | eval | predict | generate | merge | inspect | demo`.
+"""`lorakit train | eval | predict | generate | merge | inspect | experiment | demo`.
 
 `train`'s flags are TrainConfig's fields, one to one (`--max_steps 100` or `--max-steps 100`), with the
 field's docstring line as help, plus the Hugging Face TrainingArguments / PEFT spellings that mean the same
@@ -181,6 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--task", default=None, help="causal-lm, seq-cls, token-cls, ... (default: adapter's task_type)")
     ins = sub.add_parser("inspect", help="summarise an adapter directory: config, ranks, |dW| per module")
     ins.add_argument("adapter", help="a PEFT-layout adapter directory")
+    ins.add_argument("--plot", default=None, help="also draw the singular values of every module's dW to this PNG")
+    ex = sub.add_parser("experiment", help="run one of the paper-in-miniature experiments (experiments/)")
+    ex.add_argument("name", help="lr-sweep, glue-mini, rank, targets, ner, subspace, rank-e2e, e2e-methods")
+    ex.add_argument("--quick", action="store_true", help="a tiny slice and 2 steps per run: a smoke test")
+    ex.add_argument("--out", default=None, help="output directory (default: runs/experiments/NAME)")
+    ex.add_argument("--model", default=None, help="base model directory instead of the experiment's (MiniLM, SmolLM2)")
+    ex.add_argument("--seeds", type=int, default=None, help="seeds per configuration (default: the experiment's)")
     dm = sub.add_parser("demo", help="train SST-2 LoRA on the bundled MiniLM with the defaults, then classify")
     dm.add_argument("--out", default="runs/demo")
     dm.add_argument("--max_steps", "--max-steps", type=int, default=0, help="a smaller budget; 0 = the full recipe")
@@ -276,6 +283,27 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
     from lorakit.export import inspect_adapter
 
     print(inspect_adapter(args.adapter))
+    if args.plot:
+        from lorakit.analysis import adapter_factors, adapter_spectra, plot_spectra
+
+        print(f"spectra of dW: {plot_spectra(adapter_spectra(adapter_factors(args.adapter)), args.plot)}")
+
+
+def _cmd_experiment(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "experiments" / "__init__.py").is_file():
+        raise DataError(f"lorakit experiment needs a source checkout (experiments/ beside lorakit/, not in {root})")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from experiments import EXPERIMENTS
+    from experiments.runner import run_experiment
+
+    if args.name not in EXPERIMENTS:
+        raise DataError(f"experiment {args.name!r}: expected one of {', '.join(EXPERIMENTS)}")
+    out = args.out or str(Path("runs") / "experiments" / (args.name + ("-quick" if args.quick else "")))
+    run_experiment(EXPERIMENTS[args.name], out, quick=args.quick, model=args.model, seeds=args.seeds)
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -335,7 +363,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate, "predict": _cmd_predict,
-            "merge": _cmd_merge, "inspect": _cmd_inspect, "demo": _cmd_demo}
+            "merge": _cmd_merge, "inspect": _cmd_inspect, "experiment": _cmd_experiment, "demo": _cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -236,7 +236,7 @@ def test_the_real_process_exits_2_without_a_traceback():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == ("lorakit train: error: invalid TrainConfig: method='lorax': expected one of "
-                                   "lora, full, top-k, bitfit, head")
+                                   "lora, full, top-k, bitfit, head, adapter, adapter-l, prefix, prompt")
 
 
 def test_demo_on_a_small_budget(tmp_path, capsys):

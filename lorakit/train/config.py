@@ -10,8 +10,10 @@ from typing import Any
 
 from lorakit.config import from_plain_dict
 from lorakit.errors import LoraConfigError
+from lorakit.train.bottleneck import ADAPTER_BATCH, ADAPTER_LR
+from lorakit.train.prefix import PREFIX_BATCH, PREFIX_LR, PROMPT_BATCH, PROMPT_LR
 
-METHODS = ("lora", "full", "top-k", "bitfit", "head")
+METHODS = ("lora", "full", "top-k", "bitfit", "head", "adapter", "adapter-l", "prefix", "prompt")
 SCHEDULES = ("linear", "cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16")
@@ -23,6 +25,10 @@ METHOD_RECIPES: dict[str, dict[str, float | int]] = {
     "top-k": {"lr": 5e-5, "batch_size": 32},
     "bitfit": {"lr": 1e-3, "batch_size": 32},
     "head": {"lr": 1e-2, "batch_size": 32},
+    "adapter": {"lr": ADAPTER_LR, "batch_size": ADAPTER_BATCH},
+    "adapter-l": {"lr": ADAPTER_LR, "batch_size": ADAPTER_BATCH},
+    "prefix": {"lr": PREFIX_LR, "batch_size": PREFIX_BATCH},
+    "prompt": {"lr": PROMPT_LR, "batch_size": PROMPT_BATCH},
 }
 
 
@@ -36,7 +42,8 @@ class TrainConfig:
     task: sst2, rte, wnut17, e2e, or a generic classification, pair-classification, ner, causal-lm.
     data: data directory holding the train and dev files; None = the task's bundled copy.
     out: run directory (adapter/, metrics.jsonl, config.json, curves.png); None = runs/<task>-<method>.
-    method: what trains: lora, full, top-k (last top_k blocks + head), bitfit (biases + head), head.
+    method: what trains: lora, full, top-k (last top_k blocks + head), bitfit (biases + head), head,
+        adapter (AdapterH) / adapter-l (AdapterL) / prefix (PreLayer) / prompt (PreEmbed), each + head.
     targets: LoRA target modules (names, a regex, or all-linear); None (CLI: default) = the architecture's q, v.
     r: LoRA rank.
     alpha: LoRA scaling numerator; the update is scaled by alpha / r.
@@ -44,6 +51,8 @@ class TrainConfig:
     bias: LoRA bias mode: none, all (every bias trains too, as BitFit), lora_only.
     use_rslora: scale LoRA by alpha / sqrt(r) instead of alpha / r.
     top_k: for method top-k: how many of the last transformer blocks train, beside the head.
+    bottleneck: for methods adapter / adapter-l: the adapter's bottleneck size m; 0 = hidden size / 32.
+    prefix_length: for methods prefix / prompt: how many trainable virtual tokens.
     extra_trainable: modules trained in full beside the head, e.g. ["pooler"].
     lr: peak learning rate (AdamW); None = the method's recipe.
     lora_plus_ratio: LoRA+: the B matrices learn at lr * lora_plus_ratio (1 = plain LoRA).
@@ -82,6 +91,8 @@ class TrainConfig:
     bias: str = "none"
     use_rslora: bool = False
     top_k: int = 2
+    bottleneck: int = 0
+    prefix_length: int = 10
     extra_trainable: list[str] = field(default_factory=list)
     lr: float | None = None
     lora_plus_ratio: float = 1.0
@@ -122,10 +133,12 @@ class TrainConfig:
     def validate(self) -> None:
         """Collect every invalid field and raise one LoraConfigError listing them all."""
         problems = []
-        for name in ("r", "top_k", "epochs", "batch_size", "eval_batch_size", "max_length", "grad_accum"):
+        for name in ("r", "top_k", "epochs", "batch_size", "eval_batch_size", "max_length", "grad_accum",
+                     "prefix_length"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)!r}: expected an integer >= 1")
-        for name in ("max_steps", "eval_every", "checkpoint_every", "train_limit", "dev_limit", "threads", "seed"):
+        for name in ("max_steps", "eval_every", "checkpoint_every", "train_limit", "dev_limit", "threads", "seed",
+                     "bottleneck"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
                 problems.append(f"{name}={getattr(self, name)!r}: expected an integer >= 0 (0 = off/default)")
         for name in ("alpha", "lr", "lora_plus_ratio"):

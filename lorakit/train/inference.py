@@ -15,9 +15,10 @@ from torch import nn
 
 from lorakit.errors import AdapterFileError, LoraConfigError
 from lorakit.io import load_adapter
+from lorakit.train.config import TrainConfig
 from lorakit.train.data import DataError, TaskData, encode, load_eval_file, load_task, pad_token_id
 from lorakit.train.loop import RUN_INFO, TRAINABLE_FILE
-from lorakit.train.methods import load_trainable_state
+from lorakit.train.methods import STRUCTURAL_METHODS, install_structure, load_trainable_state
 from lorakit.train.tasks import evaluate, load_model, load_tokenizer, predict, resolve_model_path
 
 
@@ -69,6 +70,8 @@ def load_trained(adapter_dir: str | Path, model_dir: str | None = None,
     if (adapter_dir / "adapter_config.json").is_file():
         load_adapter(model, adapter_dir)
     elif (adapter_dir / TRAINABLE_FILE).is_file():
+        if info.get("method") in STRUCTURAL_METHODS:  # adapters/prefix/prompt: rebuild their modules first
+            install_structure(model, TrainConfig.load(adapter_dir.parent / "config.json"))
         load_trainable_state(model, load_file(str(adapter_dir / TRAINABLE_FILE)))
     else:
         raise AdapterFileError(f"{adapter_dir}: neither adapter_config.json (method lora) nor {TRAINABLE_FILE} "

@@ -5,6 +5,8 @@
     top-k   the last k transformer blocks + the head (FT-Top2 with k = 2)
     bitfit  every bias (LayerNorm biases included) + the head
     head    the head only (a linear probe)
+    adapter, adapter-l, prefix, prompt   the paper's AdapterH, AdapterL, PreLayer, PreEmbed baselines + the head
+                                         (bottleneck.py, prefix.py)
 
 `prepare` mutates the model (freezing, injecting) and `param_groups` builds AdamW groups: no weight decay
 on vectors (biases, norm weights), and LoRA+ puts every B matrix in a group with lr · lora_plus_ratio.
@@ -93,8 +95,30 @@ def prepare(model: nn.Module, config: TrainConfig, kind: str, base_path: str | N
         for pname, p in model.named_parameters():
             if pname.endswith("bias"):
                 p.requires_grad_(True)
+    elif config.method in STRUCTURAL_METHODS:
+        install_structure(model, config)  # new modules: trainable from birth
     _unfreeze(model, heads + extra)
     return model
+
+
+STRUCTURAL_METHODS = ("adapter", "adapter-l", "prefix", "prompt")
+
+
+def install_structure(model: nn.Module, config: TrainConfig) -> None:
+    """Add the new modules of an adapter/prefix/prompt method (also when rebuilding a trained run)."""
+    from lorakit.train.bottleneck import add_adapters
+    from lorakit.train.prefix import add_prefix, add_prompt
+
+    if config.method in ("adapter", "adapter-l"):
+        style = "houlsby" if config.method == "adapter" else "lin"
+        add_adapters(model, transformer_blocks(model), style, config.bottleneck)
+    elif config.method == "prefix":
+        if config.gradient_checkpointing:
+            raise LoraConfigError("method prefix with gradient_checkpointing=True: a recomputed layer would append "
+                                  "to the prefix's key/value cache twice; set gradient_checkpointing to False")
+        add_prefix(model, config.prefix_length)
+    elif config.method == "prompt":
+        add_prompt(model, config.prefix_length)
 
 
 def _qualify(model: nn.Module, name: str) -> str:

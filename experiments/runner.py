@@ -1,0 +1,198 @@
+"""Run one experiment: its training runs (each a TrainConfig through lorakit.train.loop.train), resumably,
+then its tables (markdown) and figures (PNG) in the output directory.
+
+    OUT/results.jsonl     one line per finished run: name, group, seed, config, summary, wall time (append-only)
+    OUT/runs/NAME/        each run's own directory (adapter/, metrics.jsonl, summary.json, curves.png)
+    OUT/*.md, OUT/*.png   what the experiment's `report` writes
+
+A run already in results.jsonl is skipped, so an interrupted experiment resumes where it stopped (the run
+that was cut off starts again from scratch). Each run trains in a fresh Python process by default, so its
+peak memory is its own; `in_process=True` (quick mode) saves the start-up time and reports the runner's peak.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import mean, stdev
+
+import torch
+
+from lorakit.errors import LoraConfigError
+from lorakit.train.config import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = "results.jsonl"
+# Quick mode: a tiny slice and a few steps per run, one seed; a smoke test, not a measurement.
+QUICK = {"train_limit": 32, "dev_limit": 32, "max_steps": 2, "batch_size": 16, "eval_batch_size": 32,
+         "max_length": 64, "warmup_ratio": 0.0}
+
+
+@dataclass
+class Spec:
+    """One training run of an experiment: a unique name, the row it belongs to in the tables, its config."""
+
+    name: str
+    group: str
+    config: dict
+    seed: int = 0
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class Experiment:
+    """An experiment: `specs(quick, seeds, out)` lists its runs; `report(results, out, quick)` writes its outputs."""
+
+    name: str
+    description: str
+    specs: Callable[[bool, int | None, Path], list[Spec]]
+    report: Callable[[list[dict], Path, bool], list[Path]]
+
+
+def read_results(out: Path) -> list[dict]:
+    path = out / RESULTS
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _train_in_subprocess(config_path: Path) -> None:
+    code = ("import sys; from lorakit.train.config import TrainConfig; from lorakit.train.loop import train; "
+            "train(TrainConfig.load(sys.argv[1]))")
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path}
+    proc = subprocess.run([sys.executable, "-c", code, str(config_path)], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"run {config_path.parent.name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+def _train_in_process(config: TrainConfig) -> None:
+    from lorakit.train.loop import train
+
+    train(config)
+
+
+def build_config(spec: Spec, out: Path, quick: bool, model: str | None) -> TrainConfig:
+    values = {**spec.config, "seed": spec.seed, "out": str(out / "runs" / spec.name), "progress": False}
+    if quick:
+        values |= QUICK
+    if model is not None:
+        values["model"] = model
+    elif values.get("model") and not Path(values["model"]).is_dir():
+        values["model"] = _resolve_named(values["model"])
+    return TrainConfig(**values)
+
+
+def _resolve_named(name: str) -> str:
+    """A bundled model's directory by name ("smollm2"), through lorakit.models (the LLM issue)."""
+    try:
+        from lorakit.models import resolve_model
+    except ImportError:
+        raise LoraConfigError(f"model {name!r}: this lorakit has no lorakit.models to resolve it; pass --model DIR "
+                              "with a transformers model directory") from None
+    return str(resolve_model(name))
+
+
+def run_experiment(exp: Experiment, out: str | Path, quick: bool = False, model: str | None = None,
+                   seeds: int | None = None, in_process: bool | None = None, log=print) -> list[Path]:
+    """Train every run of `exp` not yet in OUT/results.jsonl, then write the tables and figures; their paths."""
+    out = Path(out)
+    in_process = quick if in_process is None else in_process
+    specs = exp.specs(quick, seeds, out)
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        raise LoraConfigError(f"experiment {exp.name}: run names repeat: {repeated}")
+    configs = {s.name: build_config(s, out, quick, model) for s in specs}  # every config checked before any run
+    out.mkdir(parents=True, exist_ok=True)
+    done = {r["name"] for r in read_results(out)}
+    todo = [s for s in specs if s.name not in done]
+    log(f"experiment {exp.name}: {len(specs)} runs, {len(specs) - len(todo)} already done; results in {out}")
+    for i, spec in enumerate(todo, 1):
+        config = configs[spec.name]
+        run_dir = Path(config.out)
+        shutil.rmtree(run_dir, ignore_errors=True)  # a run cut off earlier starts again
+        run_dir.mkdir(parents=True)
+        config.save(run_dir / "requested.json")
+        start = time.perf_counter()
+        if in_process:
+            _train_in_process(config)
+        else:
+            _train_in_subprocess(run_dir / "requested.json")
+        wall = time.perf_counter() - start
+        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+        row = {"name": spec.name, "group": spec.group, "seed": spec.seed, "meta": spec.meta,
+               "config": config.to_dict(), "summary": summary, "wall_s": wall, "in_process": in_process,
+               "quick": quick}
+        with open(out / RESULTS, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        log(f"  [{i}/{len(todo)}] {spec.name}: {summary['metric_name']} {summary['metric']:.4f}, {wall:.0f} s")
+    wanted = set(names)
+    results = [r for r in read_results(out) if r["name"] in wanted]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the reports' small SVDs: 2 threads on a busy 2-core machine were 10x slower
+    try:
+        written = exp.report(results, out, quick)
+    finally:
+        torch.set_num_threads(threads)
+    for path in written:
+        log(f"  wrote {path}")
+    return written
+
+
+# --- helpers the reports share --------------------------------------------------------------------------------
+
+def mean_std(values: list[float]) -> str:
+    """'0.8735 ± 0.0040' (std over seeds, n-1), or the single value."""
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{mean(values):.4f} ± {stdev(values):.4f}"
+
+
+def train_seconds(row: dict) -> float:
+    """Time spent in optimizer steps (mean step time × steps), without evaluation or start-up."""
+    return row["summary"]["step_time_s"] * row["summary"]["steps"]
+
+
+def group_rows(results: list[dict], key: Callable[[dict], str] = lambda r: r["group"]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in results:
+        out.setdefault(key(r), []).append(r)
+    return out
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows]) + "\n"
+
+
+def method_table(results: list[dict]) -> str:
+    """One row per group: dev metric mean ± std over seeds, trainable values (% of total), train time, memory."""
+    rows = []
+    for group, rs in group_rows(results).items():
+        s = rs[0]["summary"]
+        mem = f"{mean(r['summary']['memory_mib'] for r in rs):.0f} MiB" + (" (runner)" if rs[0]["in_process"] else "")
+        rows.append([group, f"{s['metric_name']} {mean_std([r['summary']['metric'] for r in rs])}",
+                     f"{s['trainable']:,} ({100 * s['trainable'] / s['total']:.3g}%)",
+                     f"{mean(train_seconds(r) for r in rs):.0f} s", mem, str(len(rs))])
+    return markdown_table(["run", "dev metric (mean ± std)", "trainable (% of total)", "train time", "peak memory",
+                           "seeds"], rows)
+
+
+def write_text(path: Path, text: str, quick: bool) -> Path:
+    note = ("> **--quick smoke run**: a few steps on a tiny slice; these numbers measure nothing.\n\n" if quick else "")
+    path.write_text(note + text, encoding="utf-8")
+    return path
+
+
+__all__ = ["Experiment", "QUICK", "Spec", "build_config", "group_rows", "markdown_table", "mean_std", "method_table",
+           "read_results", "run_experiment", "train_seconds", "write_text"]
