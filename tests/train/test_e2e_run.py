@@ -80,3 +80,17 @@ def test_generate_cli_continues_the_runs_plain_format(e2e_run, capsys):
     model, tokenizer, _ = load_trained(e2e_run / "adapter")
     (expected,) = generate(model, tokenizer, ["name : Zizzi | eatType : pub ||"], max_new_tokens=6, chat=False)
     assert capsys.readouterr().out.strip() == expected.strip()
+
+
+def test_generate_cli_merged_and_bare_peft_directory(e2e_run, tiny_gpt2_dir, tmp_path, capsys):
+    import shutil
+
+    model, tokenizer, _ = load_trained(e2e_run / "adapter")
+    (expected,) = generate(model, tokenizer, ["name : Zizzi ||"], max_new_tokens=6, chat=False)
+    assert main(["generate", "--adapter", str(e2e_run / "adapter"), "--merge", "name : Zizzi",
+                 "--max_new_tokens", "6"]) == 0
+    assert capsys.readouterr().out.strip() == expected.strip()
+    bare = shutil.copytree(e2e_run / "adapter", tmp_path / "peft-adapter")  # no task.json beside it: a PEFT dir
+    assert main(["generate", "--model", tiny_gpt2_dir, "--adapter", str(bare), "--no-chat", "name : Zizzi ||",
+                 "--max_new_tokens", "6"]) == 0
+    assert capsys.readouterr().out.strip() == expected.strip()
