@@ -1,7 +1,7 @@
 """The paper's Table 3 in miniature: SmolLM2-135M-Instruct on E2E NLG, one row per method.
 
 Every method trains through `lorakit train --task e2e` (the e2e recipe: 1 epoch of batch 8 on the train
-part of valid.txt, max_length 128, best-on-dev checkpoint on the 10% dev MRs) with only the flags below
+part of valid.txt, max_length 160, best-on-dev checkpoint on the 10% dev MRs) with only the flags below
 changed, in a fresh process each (so peak memory is the method's own), then `lorakit eval` generates
 greedily for the 630 MRs of test.txt and scores them as the official e2e-metrics script does.
 The zero-shot row is the bare base model prompted with an instruction through its chat template.
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num_beams", type=int, default=1, help="1 = greedy (the table's setting)")
     p.add_argument("--batch_size", type=int, default=16, help="generation batch")
     args = p.parse_args(argv)
-    args.limit, args.max_new_tokens = (4, 16) if args.quick else (0, 80)
+    args.limit, args.max_new_tokens = (4, 16) if args.quick else (0, 96)
     runs = Path(args.runs or ROOT / "runs" / ("e2e-table-quick" if args.quick else "e2e-table"))
     results_path = Path(args.results or runs / "results.json")
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}

@@ -206,7 +206,8 @@ def _add_e2e_eval_flags(ev: argparse.ArgumentParser) -> None:
                       "run: generate one text per MR and print BLEU, NIST, METEOR, ROUGE-L, CIDEr.")
     ev.add_argument("--limit", type=int, default=0, help="E2E: first N MRs only (a quick check); 0 = all")
     ev.add_argument("--num_beams", "--num-beams", type=int, default=1, help="E2E: 1 = greedy (default)")
-    ev.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=80, help="E2E: per output")
+    ev.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=96,
+                    help="E2E: per output (the longest test reference is 89 SmolLM2 tokens)")
     ev.add_argument("--out", default=None, help="E2E: where outputs.txt and scores.json go "
                     "(default: RUN/eval-<data file name>)")
 

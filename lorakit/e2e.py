@@ -60,7 +60,7 @@ def write_outputs(out_dir: str | Path, groups: list[tuple[str, list[str]]], outp
 
 
 def evaluate_e2e(model: nn.Module, tokenizer, data: str | Path, *, style: str = "plain", limit: int = 0,
-                 batch_size: int = 8, num_beams: int = 1, max_new_tokens: int = 80,
+                 batch_size: int = 8, num_beams: int = 1, max_new_tokens: int = 96,
                  out_dir: str | Path | None = None) -> E2EResult:
     """Generate for every MR of `data` (the first `limit` MRs if > 0; greedy unless num_beams > 1), score
     the outputs against all references of each MR, and write them to `out_dir` if given."""

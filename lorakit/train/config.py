@@ -227,7 +227,7 @@ def _is_number(v: Any) -> bool:
 # on 2 cores). Other methods keep their own lr (METHOD_RECIPES) at the same batch and budget.
 RECIPES: dict[str, dict[str, Any]] = {
     "e2e": {"model": "smollm2", "targets": "all-linear", "r": 8, "alpha": 16.0, "batch_size": 8, "epochs": 1,
-            "max_length": 128, "warmup_ratio": 0.06, "eval_every": 200, "eval_batch_size": 32},
+            "max_length": 160, "warmup_ratio": 0.06, "eval_every": 200, "eval_batch_size": 32},
 }
 
 
