@@ -31,6 +31,7 @@ test: install
 bench: install
 	$(BIN)/python benchmarks/train_step.py --dropout 0.0
 	$(BIN)/python benchmarks/train_step.py --dropout 0.1
+	$(BIN)/python benchmarks/generate_speed.py
 
 # The paper in miniature (docs/RESULTS.md): about 6 hours on 2 CPU cores; each experiment resumes where it stopped.
 EXPERIMENTS ?= lr-sweep glue-mini rank targets ner subspace

@@ -1,4 +1,4 @@
-"""`lorakit train | eval | predict | merge | inspect | experiment | demo`.
+"""`lorakit train | eval | predict | generate | merge | inspect | experiment | demo`.
 
 `train`'s flags are TrainConfig's fields, one to one (`--max_steps 100` or `--max-steps 100`), with the
 field's docstring line as help, plus the Hugging Face TrainingArguments / PEFT spellings that mean the same
@@ -17,7 +17,7 @@ from dataclasses import MISSING, fields
 from typing import get_type_hints
 
 from lorakit.errors import LoraConfigError, LoraError
-from lorakit.train.config import METHOD_RECIPES, TrainConfig, field_help
+from lorakit.train.config import METHOD_RECIPES, TrainConfig, field_help, with_recipe
 from lorakit.train.readers import DataError
 
 DEMO_SENTENCES = ["a gripping , beautifully acted film that stays with you .",
@@ -120,10 +120,23 @@ def _add_hf_flags(parser: argparse.ArgumentParser) -> None:
                     default=argparse.SUPPRESS, help="= --device cpu")
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
+def given_fields(argv: list[str]) -> set[str]:
+    """The TrainConfig fields set explicitly on a `train` command line (argv after the word `train`)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    _add_config_flags(parser)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    given = set(vars(parser.parse_known_args(argv)[0]))
+    return given | ({"batch_size"} if "per_device_train_batch_size" in given else set())
+
+
+def config_from_args(args: argparse.Namespace, given: set[str] | None = None) -> TrainConfig:
     """A TrainConfig from parsed `train` flags; `--targets all-linear` or a regex becomes a string spec,
-    `--targets default` the architecture's q, v (None)."""
+    `--targets default` the architecture's q, v (None). With `given` (the flags on the command line), the
+    task's recipe (train.config.RECIPES, e.g. e2e on SmolLM2) fills every field not given."""
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
+    if given is not None:
+        values = with_recipe(values, given)
     per_device = getattr(args, "per_device_train_batch_size", None)
     if per_device is not None:
         if values["batch_size"] is not None:
@@ -150,8 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--task", default=None, help="task name (default: the run's task)")
     ev.add_argument("--model", default=None, help="base model directory or name (minilm) (default: the run's base)")
     ev.add_argument("--dev_limit", "--dev-limit", type=int, default=0, help="first N dev examples; 0 = all")
-    ev.add_argument("--batch_size", "--batch-size", type=int, default=64)
+    ev.add_argument("--batch_size", "--batch-size", type=int, default=None,
+                    help="examples per forward (default 64; E2E generation: 16)")
     ev.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    _add_e2e_eval_flags(ev)
+    _add_generate_parser(sub)
     pr = sub.add_parser("predict", help="predict raw texts with a trained adapter")
     pr.add_argument("--adapter", required=True, help="RUN/adapter of a finished `lorakit train` run")
     pr.add_argument("--model", default=None, help="base model directory or name (minilm) (default: the run's base)")
@@ -185,20 +201,60 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_train(args: argparse.Namespace) -> None:
     from lorakit.train.loop import train
 
-    train(config_from_args(args))
+    train(config_from_args(args, given_fields(args.argv[args.argv.index("train") + 1:])))
+
+
+def _add_e2e_eval_flags(ev: argparse.ArgumentParser) -> None:
+    ev.description = ("--data FILE (an E2E MR||reference file such as lorakit/data/e2e/test.txt) with a causal-LM "
+                      "run: generate one text per MR and print BLEU, NIST, METEOR, ROUGE-L, CIDEr.")
+    ev.add_argument("--limit", type=int, default=0, help="E2E: first N MRs only (a quick check); 0 = all")
+    ev.add_argument("--num_beams", "--num-beams", type=int, default=1, help="E2E: 1 = greedy (default)")
+    ev.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=96,
+                    help="E2E: per output (the longest test reference is 89 SmolLM2 tokens)")
+    ev.add_argument("--out", default=None, help="E2E: where outputs.txt and scores.json go "
+                    "(default: RUN/eval-<data file name>)")
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
     from lorakit.train.inference import eval_data, evaluate_adapter, resolve_device
 
     resolve_device(args.device)  # an unavailable device fails before the data and model load
+    if _is_e2e_file(args):
+        return _cmd_eval_e2e(args)
     split = eval_data(args.adapter, args.data, args.task)
     n = min(len(split.dev), args.dev_limit or len(split.dev))
     what = "the whole file" if not split.train else "the dev split"  # a single file comes without a train split
     print(f"lorakit eval: {split.task}, {what} {split.dev_path} ({n} of {len(split.dev)} examples)", file=sys.stderr)
     metrics = evaluate_adapter(args.adapter, model_dir=args.model, dev_limit=args.dev_limit,
-                               batch_size=args.batch_size, device=args.device, split=split)
+                               batch_size=args.batch_size or 64, device=args.device, split=split)
     print(json.dumps(metrics))
+
+
+def _is_e2e_file(args: argparse.Namespace) -> bool:
+    """`--data FILE` in E2E format (MR||reference lines, not .jsonl) for a causal-LM run: generation + E2E metrics
+    (a .jsonl file, or a directory, is scored by loss as for any task)."""
+    from pathlib import Path
+
+    from lorakit.train.inference import run_info
+
+    if args.data is None or not Path(args.data).is_file() or Path(args.data).suffix == ".jsonl":
+        return False
+    return run_info(args.adapter)["kind"] == "causal_lm"
+
+
+def _cmd_eval_e2e(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from lorakit.adapters import merge
+    from lorakit.e2e import evaluate_e2e, report
+    from lorakit.train.inference import load_trained
+
+    model, tokenizer, _ = load_trained(args.adapter, args.model, args.device)
+    merge(model)  # LoRA folded into the weights: the same outputs at the base model's decoding speed
+    out = args.out or Path(args.adapter).parent / f"eval-{Path(args.data).stem}"
+    result = evaluate_e2e(model, tokenizer, args.data, limit=args.limit, batch_size=args.batch_size or 16,
+                          num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, out_dir=out)
+    print(report(result))
 
 
 def _format_prediction(pred: dict, names: dict[str, str] | None = None) -> str:
@@ -284,13 +340,48 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     run(config_from_flags(args))
 
 
-COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "merge": _cmd_merge,
-            "inspect": _cmd_inspect, "experiment": _cmd_experiment, "serve": _cmd_serve, "demo": _cmd_demo}
+def _add_generate_parser(sub) -> None:
+    gen = sub.add_parser("generate", help="generate text with a causal LM: bare, with an adapter, or merged")
+    gen.add_argument("prompts", nargs="+", help="one or more prompts (batched together)")
+    gen.add_argument("--model", default=None, help="model directory or bundled name (default: the adapter's base, "
+                     "else smollm2)")
+    gen.add_argument("--adapter", default=None, help="RUN/adapter of a `lorakit train` run, or a PEFT adapter dir")
+    gen.add_argument("--merge", action="store_true", help="merge the LoRA adapter into the weights first")
+    gen.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=128)
+    gen.add_argument("--num_beams", "--num-beams", type=int, default=1, help="1 = greedy or sampling")
+    gen.add_argument("--do_sample", "--do-sample", action="store_true", help="sample instead of greedy")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top_p", "--top-p", type=float, default=1.0)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable); trimmed from the output")
+    gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                     help="apply the chat template (default: if the tokenizer has one and the run is not plain LM)")
+    gen.add_argument("--batch_size", "--batch-size", type=int, default=8)
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    from lorakit.generate import generate, load_for_generation
+    from lorakit.train.data import LM_SEPARATOR
+
+    model, tokenizer, plain = load_for_generation(args.model, args.adapter, args.merge)
+    prompts = [p + LM_SEPARATOR for p in args.prompts] if plain else args.prompts
+    chat = False if plain and args.chat is None else args.chat
+    texts = generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                     temperature=args.temperature, top_p=args.top_p, num_beams=args.num_beams, stop=args.stop,
+                     chat=chat, batch_size=args.batch_size, seed=args.seed)
+    for i, text in enumerate(texts):
+        print(("" if len(texts) == 1 else f"[{i}] ") + text.strip())
+
+
+COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "generate": _cmd_generate, "predict": _cmd_predict,
+            "merge": _cmd_merge, "inspect": _cmd_inspect, "experiment": _cmd_experiment, "serve": _cmd_serve,
+            "demo": _cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; lorakit's own errors (bad config, data, adapter files) print one line, exit 2."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # which train flags were given (recipes)
     try:
         COMMANDS[args.command](args)
     except (LoraError, DataError) as e:

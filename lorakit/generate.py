@@ -112,4 +112,45 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[str | Messages], *, 
     return out
 
 
-__all__ = ["generate", "has_chat_template", "render_prompts", "trim_stop"]
+def load_for_generation(model: str | None = None, adapter: str | None = None,
+                        merge: bool = False) -> tuple[nn.Module, object, bool]:
+    """(model, tokenizer, plain) for `lorakit generate`: a bare base, or a base with an adapter.
+
+    adapter: the RUN/adapter of a `lorakit train` run (any method; its task.json names base and format)
+    or a bare PEFT-layout LoRA directory. model: a directory or a bundled name; default the adapter's
+    base, else smollm2. plain: the run was trained on plain "prompt ||" text (not chat), so prompts
+    should be given that way. merge: fold the LoRA adapter into the weights (same outputs, base speed).
+    """
+    from pathlib import Path
+
+    from lorakit.adapters import merge as merge_adapters
+    from lorakit.errors import LoraConfigError
+    from lorakit.train.tasks import load_model, load_tokenizer, resolve_model_path
+
+    plain = False
+    if adapter is not None and (Path(adapter).parent / "task.json").is_file():
+        from lorakit.train.inference import load_trained
+
+        net, tokenizer, info = load_trained(adapter, model)
+        if info["kind"] != "causal_lm":
+            raise LoraConfigError(f"adapter {adapter} was trained for {info['kind']} ({info['task']}); generation "
+                                  "needs a causal-LM run (use `lorakit predict` for classifiers)")
+        plain = info["task"] != "chat"
+    else:
+        base = model
+        if base is None and adapter is not None:
+            from lorakit.adapter_file import read_adapter
+
+            base = read_adapter(adapter).config.base_model_name_or_path
+        base = resolve_model_path(base or "smollm2")
+        net, tokenizer = load_model(base, "causal_lm", []), load_tokenizer(base)
+        if adapter is not None:
+            from lorakit.io import load_adapter
+
+            load_adapter(net, adapter)
+    if merge:
+        merge_adapters(net)
+    return net.eval(), tokenizer, plain
+
+
+__all__ = ["generate", "load_for_generation", "has_chat_template", "render_prompts", "trim_stop"]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lorakit.errors import LoraConfigError
+from lorakit.generate import generate
 from lorakit.models import cache_dir, resolve_model
 from tests.conftest import minilm_path
 
@@ -24,13 +25,12 @@ def test_converted_smollm2_is_a_plain_tied_checkpoint(smollm2_dir, smollm2):
     assert model.dtype == torch.float32 and "<|im_start|>" in tokenizer.chat_template
 
 
-def test_converted_smollm2_answers_paris_through_its_chat_template(smollm2):
+def test_converted_smollm2_answers_through_its_chat_template(smollm2):
+    """Greedy, through lorakit.generate (chat template, a left-padded batch of two)."""
     model, tokenizer = smollm2
-    enc = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=12, do_sample=False)
-    assert "Paris" in tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    out = generate(model, tokenizer, ["What is the capital of France?", "What is 2 + 2? Answer with a number."],
+                   max_new_tokens=8, batch_size=2)
+    assert "Paris" in out[0] and "4" in out[1]
 
 
 def test_second_resolve_reuses_the_conversion(smollm2_dir):

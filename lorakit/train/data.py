@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from lorakit.train.chat import ChatExample, encode_chat, read_chat_jsonl
 from lorakit.train.readers import (
     DataError,
     LMExample,
@@ -67,6 +68,7 @@ _TASKS = {  # task name -> (kind, file layouts, sentence pairs?)
     "ner": ("token_classification", [("*train*.conll", "*dev*.conll", read_conll)], None),
     "causal-lm": ("causal_lm", [("train.jsonl", "dev.jsonl", read_jsonl), ("valid.txt", "test.txt", read_e2e)],
                   None),
+    "chat": ("causal_lm", [("train.jsonl", "dev.jsonl", read_chat_jsonl)], None),  # lorakit/train/chat.py
 }
 _ALIASES = {"sst2": "classification", "rte": "pair-classification", "wnut17": "ner", "e2e": "causal-lm"}
 TASKS = sorted(_ALIASES) + sorted(_TASKS)
@@ -76,9 +78,11 @@ def load_task(task: str, data_dir: str | Path | None = None) -> TaskData:
     """Read and validate a task's train and dev splits; `data_dir=None` uses the bundled copy.
 
     Named tasks (sst2, rte, wnut17, e2e) and generic ones (classification, pair-classification, ner,
-    causal-lm) find their files in `data_dir` by common names; E2E's `valid.txt` is the train split and
-    `test.txt` the dev split (the public E2E train split is not shipped). Raises `DataError` before any
-    training for missing files, bad columns, empty splits, malformed lines, unseen dev labels, bad BIO tags.
+    causal-lm) find their files in `data_dir` by common names. Task e2e trains on `valid.txt` (the public
+    E2E train split is not shipped) minus 10% of its MRs held out as dev (`split_by_mr`); `test.txt` is
+    left for `lorakit eval`. The generic causal-lm on the same directory uses test.txt as dev.
+    Raises `DataError` before any training for missing files, bad columns, empty splits, malformed lines,
+    unseen dev labels, bad BIO tags.
     """
     generic = _ALIASES.get(task, task)
     if generic not in _TASKS:
@@ -94,6 +98,8 @@ def load_task(task: str, data_dir: str | Path | None = None) -> TaskData:
     for path, split in ((train_path, train), (dev_path, dev)):
         if not split:
             raise DataError(f"{path}: no examples found; the file is empty or holds only blank lines/header.")
+    if task == "e2e" and reader is read_e2e:  # the paper's protocol: test.txt is reported once, never tuned on
+        train, dev = split_by_mr(train, E2E_DEV_FRACTION)
     if kind == "classification":
         _check_pairs(task, train_path, train, pairs)
         labels = _classification_labels(train_path, train, dev_path, dev)
@@ -134,6 +140,19 @@ def load_eval_file(task: str, path: str | Path) -> TaskData:
     else:
         labels = []
     return TaskData(task=task, kind=kind, train=[], dev=examples, labels=labels, dev_path=path)
+
+
+E2E_DEV_FRACTION = 0.1  # task e2e: this share of valid.txt's MRs (all their references) is the dev split
+
+
+def split_by_mr(examples: list[LMExample], fraction: float, seed: str = "lorakit:e2e-dev"
+                ) -> tuple[list[LMExample], list[LMExample]]:
+    """(train, dev): round(fraction · #MRs) MRs, drawn by a fixed seed, go to dev with every one of their
+    references, so no MR is in both parts; both keep file order."""
+    mrs = list(dict.fromkeys(ex.prompt for ex in examples))
+    random.Random(seed).shuffle(mrs)
+    held = set(mrs[:round(fraction * len(mrs))])
+    return [ex for ex in examples if ex.prompt not in held], [ex for ex in examples if ex.prompt in held]
 
 
 def _find_files(directory: Path, task: str, layouts: list) -> tuple[Path, Path, Callable[[Path], list]]:
@@ -226,7 +245,8 @@ def encode(examples: list, kind: str, tokenizer, labels: list[str], max_length: 
     causal_lm:            ids = prompt + LM_SEPARATOR + " " + completion + eos; labels = -100 on the
                           prompt part and the ids themselves on completion + eos, so the loss (HF models
                           shift labels by one) is on the completion only.
-    Sequences longer than `max_length` tokens are truncated.
+    chat (ChatExample):   the chat template; labels on assistant answers only (lorakit.train.chat).
+    Sequences longer than `max_length` tokens are truncated (chat: the prompt, never the answer).
     """
     if not examples:
         return []
@@ -234,6 +254,8 @@ def encode(examples: list, kind: str, tokenizer, labels: list[str], max_length: 
         return _encode_classification(examples, tokenizer, labels, max_length)
     if kind == "token_classification":
         return _encode_tokens(examples, tokenizer, labels, max_length)
+    if kind == "causal_lm" and isinstance(examples[0], ChatExample):
+        return encode_chat(examples, tokenizer, max_length)
     if kind == "causal_lm":
         return _encode_lm(examples, tokenizer, max_length)
     raise DataError(f"unknown kind {kind!r}; expected 'classification', 'token_classification' or 'causal_lm'.")
@@ -369,4 +391,5 @@ def collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 __all__ = ["DataError", "TextExample", "TokenExample", "LMExample", "TaskData", "TASKS", "bundled_data_dir",
            "load_eval_file", "load_task", "read_glue_tsv", "read_label_lines", "read_conll", "read_jsonl", "read_e2e",
-           "encode", "make_batches", "collate", "pad_token_id", "LM_SEPARATOR", "IGNORE_INDEX"]
+           "encode", "make_batches", "collate", "pad_token_id", "split_by_mr", "E2E_DEV_FRACTION", "LM_SEPARATOR",
+           "IGNORE_INDEX"]

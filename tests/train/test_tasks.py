@@ -1,4 +1,5 @@
-"""--model names: "minilm" (and None) is the bundled MiniLM directory; any other value is a directory."""
+"""--model names: "minilm" (and None) is the bundled MiniLM directory, "smollm2" the converted SmolLM2; any other
+value is a directory."""
 
 from pathlib import Path
 
@@ -20,5 +21,6 @@ def test_model_names_resolve_to_the_bundled_directory(tmp_path, monkeypatch):
 
 
 def test_an_unknown_model_names_the_known_ones(tmp_path):
-    with pytest.raises(LoraConfigError, match=r"model='nosuch': no config.json there; .* a model name \(minilm\)"):
+    with pytest.raises(LoraConfigError,
+                       match=r"model='nosuch': no config.json there; .* a model name \(minilm, smollm2\)"):
         check_model_dir(resolve_model_path("nosuch"), "classification")

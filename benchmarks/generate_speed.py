@@ -1,0 +1,141 @@
+"""Generation speed: tokens/s of greedy decoding on SmolLM2-135M-Instruct, bare base vs an adapter.
+
+    base       the bare model
+    unmerged   + a lorakit LoRA adapter (all-linear, r=8, nonzero B), computed in the forward
+    merged     the same adapter folded into the weights (lorakit.merge)
+    peft       the same adapter files loaded by HF PEFT (unmerged), the reference
+
+Every measurement runs in a fresh process; modes alternate round by round and the report takes medians.
+Each row generates exactly --new_tokens tokens (min_new_tokens = max_new_tokens, KV cache on) after a
+short warm-up, for batch 1 and batch 8. Targets (issue 9): unmerged <= 1.10x the base's time, merged
+within +-2%.
+
+    python benchmarks/generate_speed.py                       # 128 new tokens, 3 rounds, 2 threads
+    python benchmarks/generate_speed.py --quick --model DIR   # smoke test: 8 tokens, 1 round
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODES = ("base", "unmerged", "merged", "peft")
+PROMPTS = ["name : The Vaults | eatType : pub | priceRange : more than £ 30 | customer rating : 5 out of 5 ||",
+           "Write a short poem about the sea.", "What is the capital of France?", "Explain LoRA in one sentence.",
+           "name : Zizzi | eatType : coffee shop | area : riverside ||", "List three colours.",
+           "How many legs does a spider have?", "Translate 'good morning' to French."]
+
+
+def make_adapter(model_dir: str, out: str, seed: int = 0) -> None:
+    """An all-linear r=8 adapter with random nonzero A and B, saved in PEFT layout."""
+    import torch
+
+    from lorakit import LoraConfig, inject, save_adapter
+    from lorakit.train.tasks import load_model, resolve_model_path
+
+    model = load_model(resolve_model_path(model_dir), "causal_lm", [])
+    inject(model, LoraConfig(r=8, alpha=16, targets="all-linear"))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    save_adapter(model, out)
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One mode, one batch size: print {"tokens_per_s", "seconds"} as JSON."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from lorakit.train.tasks import load_model, load_tokenizer, resolve_model_path
+
+    path = resolve_model_path(args.model)
+    model, tok = load_model(path, "causal_lm", []).eval(), load_tokenizer(path)
+    if args.mode in ("unmerged", "merged"):
+        from lorakit import load_adapter, merge
+
+        load_adapter(model, args.adapter)
+        if args.mode == "merged":
+            merge(model)
+    elif args.mode == "peft":
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.adapter).eval()
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    enc = tok(PROMPTS[:args.batch], add_special_tokens=False, padding=True, return_tensors="pt")
+    options = {"do_sample": False, "pad_token_id": tok.pad_token_id, "temperature": None, "top_p": None,
+               "top_k": None}
+    with torch.no_grad():
+        model.generate(**enc, max_new_tokens=4, min_new_tokens=4, **options)  # warm-up
+        start = time.perf_counter()
+        out = model.generate(**enc, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, **options)
+        seconds = time.perf_counter() - start
+    new = (out.shape[1] - enc["input_ids"].shape[1]) * args.batch
+    print(json.dumps({"tokens_per_s": new / seconds, "seconds": seconds}))
+
+
+def _run_worker(args: argparse.Namespace, mode: str, batch: int, adapter: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", "--mode", mode, "--batch", str(batch), "--adapter", adapter,
+           "--model", args.model, "--new_tokens", str(args.new_tokens), "--threads", str(args.threads)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"{mode} batch {batch} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--new_tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--quick", action="store_true", help="8 new tokens, 1 round (a smoke test)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--mode", default="base", help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--adapter", default="", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    sys.path.insert(0, str(ROOT))
+    if args.worker:
+        return worker(args)
+    if args.quick:
+        args.new_tokens, args.rounds = 8, 1
+    modes, batches = args.modes.split(","), [int(b) for b in args.batches.split(",")]
+    with tempfile.TemporaryDirectory() as adapter:
+        make_adapter(args.model, adapter)
+        times: dict[tuple[str, int], list[float]] = {(m, b): [] for m in modes for b in batches}
+        for r in range(args.rounds):
+            for b in batches:
+                for m in (modes if r % 2 == 0 else modes[::-1]):  # alternate the order between rounds
+                    times[(m, b)].append(_run_worker(args, m, b, adapter)["seconds"])
+    import torch
+
+    print(f"greedy, {args.new_tokens} new tokens, {args.threads} threads, median of {args.rounds} fresh processes; "
+          f"torch {torch.__version__}, model {args.model}")
+    print(f"{'batch':>5}  " + "  ".join(f"{m:>18}" for m in modes))
+    for b in batches:
+        base = statistics.median(times[(modes[0], b)])
+        cells = []
+        for m in modes:
+            t = statistics.median(times[(m, b)])
+            cells.append(f"{b * args.new_tokens / t:7.1f} tok/s {t / base:4.2f}x")
+        print(f"{b:>5}  " + "  ".join(f"{c:>18}" for c in cells))
+    print(f"(x = time relative to {modes[0]}; targets: unmerged <= 1.10x, merged within 0.98-1.02x)")
+
+
+if __name__ == "__main__":
+    main()
