@@ -3,9 +3,7 @@
     model = inject(model, LoraConfig(r=8, alpha=16))   # h = W0·x + (α/r)·B·A·x on the targets
 """
 
-import sys as _sys
 
-from . import injection as _injection
 from .adapters import (
     active_adapters,
     combine,
@@ -22,10 +20,6 @@ from .errors import AdapterFileError, AdapterNotFound, LoraConfigError, LoraErro
 from .injection import count_parameters, inject, lora_modules, parameter_table, select
 from .io import load_adapter, save_adapter
 from .rows import adapter_rows
-
-# The module was lorakit/inject.py, whose name the function `inject` shadows; it is lorakit/injection.py now.
-# Old `from lorakit.injection import ...` lines keep working through this alias (to be removed).
-_sys.modules.setdefault(__name__ + ".inject", _injection)
 
 __all__ = [
     "AdapterFileError", "AdapterNotFound", "LoraConfig", "LoraConfigError", "LoraError", "LoraStateError",

@@ -14,6 +14,7 @@ import os
 import re
 import sys
 from dataclasses import MISSING, fields
+from pathlib import Path
 from typing import get_type_hints
 
 from lorakit.errors import LoraConfigError, LoraError
@@ -331,6 +332,17 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     for text, pred in zip(DEMO_SENTENCES, preds, strict=True):
         print(f"  {_format_prediction(pred, {'0': 'negative', '1': 'positive'}):<18} {text}")
     print(f"try: lorakit predict --adapter {result.adapter_dir} \"an utterly charming film .\"")
+    from lorakit.serve.demo import classify_over_http
+
+    run_dir = Path(result.adapter_dir).parent
+    print(f"serving {run_dir.name} with lorakit serve on 127.0.0.1; POST /v1/classify:", flush=True)
+    answers, command = classify_over_http(run_dir, DEMO_SENTENCES)
+    for text, answer in zip(DEMO_SENTENCES, answers, strict=True):
+        label = {"0": "negative", "1": "positive"}.get(answer["label"], answer["label"])
+        print(f"  served: {label} ({max(answer['probs']):.3f})   {text}")
+    print(f"serve it yourself: {command}")
+    print(f"  curl -s localhost:8000/v1/classify -H 'Content-Type: application/json' "
+          f"-d '{{\"model\": \"{run_dir.name}\", \"input\": [\"a dull mess .\"]}}'")
 
 
 def _cmd_serve(args: argparse.Namespace) -> None:

@@ -243,5 +243,12 @@ def test_demo_on_a_small_budget(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--max_steps", "2", "--dev_limit", "32"]) == 0
     out = capsys.readouterr().out
     assert "2 steps of batch 16, a smaller budget" in out and "dev accuracy" in out and "trainable (% of total)" in out
-    assert sum(("positive (" in line or "negative (" in line) for line in out.splitlines()) == 3
+    assert sum(("positive (" in line or "negative (" in line) for line in out.splitlines()) == 6
+    # the last step serves the adapter over HTTP: the served labels and probabilities equal the in-process ones
+    lines = out.splitlines()
+    local = [ln.split()[:2] for ln in lines if ln.startswith("  ") and ("positive (" in ln or "negative (" in ln)
+             and "served:" not in ln]
+    served = [ln.split()[1:3] for ln in lines if ln.startswith("  served: ")]
+    assert len(local) == len(served) == 3 and local == served
+    assert "lorakit serve --model minilm --adapters" in out
     assert (tmp_path / "demo" / "adapter" / "adapter_model.safetensors").is_file()
