@@ -13,12 +13,11 @@ conversations cut is reported.
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorakit.train.readers import DataError
+from lorakit.train.readers import DataError, jsonl_objects
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
@@ -52,19 +51,7 @@ def _messages(obj, where: str) -> list[dict[str, str]]:
 def read_chat_jsonl(path: str | Path) -> list[ChatExample]:
     """Read chat jsonl (see the module docstring); every bad line is a DataError naming file:line."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found; check the path or the data directory.")
-    out = []
-    with open(path, encoding="utf-8-sig") as f:
-        for n, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: invalid JSON ({e.msg}, column {e.colno}).") from None
-            out.append(ChatExample(_messages(obj, f"{path}:{n}"), line=n))
-    return out
+    return [ChatExample(_messages(obj, f"{path}:{n}"), line=n) for n, obj in jsonl_objects(path)]
 
 
 def _ids(tokenizer, messages: list[dict], generation_prompt: bool = False) -> list[int]:

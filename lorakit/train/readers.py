@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -167,26 +168,29 @@ def read_conll(path: str | Path) -> list[TokenExample]:
     return out
 
 
+def jsonl_objects(path: str | Path, expected: str = "") -> Iterator[tuple[int, object]]:
+    """(line number, parsed JSON) for every non-blank line; a line that is not JSON is a DataError naming
+    file:line (and `expected`, a hint of the format)."""
+    path = Path(path)
+    for n, line in _text_lines(path):
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: invalid JSON ({e.msg}, column {e.colno}){expected}.") from None
+
+
 def read_jsonl(path: str | Path) -> list[LMExample]:
     """Read causal-LM jsonl: one object per line with string fields "prompt" and "completion"."""
     path = Path(path)
     out = []
-    with _open(path) as f:
-        for n, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: invalid JSON ({e.msg}, column {e.colno}); "
-                                'expected {"prompt": "...", "completion": "..."}.') from None
-            if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) for k in ("prompt", "completion")):
-                found = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-                raise DataError(f"{path}:{n}: expected an object with string fields 'prompt' and "
-                                f"'completion', found {found}; rename or add those fields.")
-            if not obj["completion"].strip():
-                raise DataError(f"{path}:{n}: empty 'completion'; there is nothing to learn from that line.")
-            out.append(LMExample(obj["prompt"], obj["completion"], line=n))
+    for n, obj in jsonl_objects(path, '; expected {"prompt": "...", "completion": "..."}'):
+        if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) for k in ("prompt", "completion")):
+            found = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+            raise DataError(f"{path}:{n}: expected an object with string fields 'prompt' and "
+                            f"'completion', found {found}; rename or add those fields.")
+        if not obj["completion"].strip():
+            raise DataError(f"{path}:{n}: empty 'completion'; there is nothing to learn from that line.")
+        out.append(LMExample(obj["prompt"], obj["completion"], line=n))
     return out
 
 
