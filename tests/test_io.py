@@ -27,8 +27,7 @@ from lorakit import (
 from lorakit.adapters import set_adapter
 from lorakit.injection import lora_configs
 from lorakit.io import adapter_dir, check_adapter_name
-from tests.conftest import assert_unchanged as conftest_unchanged
-from tests.conftest import make_minilm, make_tiny, model_state, randomize_adapters, tiny_inputs
+from tests.conftest import assert_unchanged, make_minilm, make_tiny, model_state, randomize_adapters, tiny_inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:peft.*", "ignore::FutureWarning")
 
@@ -62,15 +61,6 @@ def toy_with_adapter(config=TOY_CONFIG, name="default", seed=0):
         for p in model.head.copy(name).parameters():
             p.add_(0.1 * (seed + 1))
     return model
-
-
-def snapshot(model):
-    return model_state(model)
-
-
-def assert_unchanged(model, snap):
-    """The full check of tests/conftest.py: modules, state_dict, configs, active/merged, requires_grad, modes."""
-    conftest_unchanged(snap, model)
 
 
 def _out(model, inputs):
@@ -253,10 +243,10 @@ def test_peft_embedding_base_weights_are_refused_unless_left_out(tmp_path):
     config = PeftConfig(r=2, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False)
     _peft_saved(lambda: make_tiny("llama"), config, tmp_path / "a")  # PEFT adds the full embedding matrices here
     base = make_tiny("llama")
-    snap = snapshot(base)
+    snap = model_state(base)
     with pytest.raises(AdapterFileError, match="embed_tokens.base_layer.weight"):
         load_adapter(base, tmp_path / "a")
-    assert_unchanged(base, snap)
+    assert_unchanged(snap, base)
     _from_peft(lambda: make_tiny("llama"), config, tmp_path / "b", tiny_inputs("llama"), save_embedding_layers=False)
 
 

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from lorakit import AdapterFileError, load_adapter, save_adapter
 from lorakit.injection import lora_configs
-from tests.test_io import TOY_IDS, assert_unchanged, snapshot, toy_with_adapter
+from tests.conftest import assert_unchanged, model_state
+from tests.test_io import TOY_IDS, toy_with_adapter
 
 FUZZ = settings(max_examples=int(os.environ.get("LORAKIT_FUZZ_EXAMPLES", 40)), deadline=5000, database=None,
                 derandomize="LORAKIT_FUZZ_EXAMPLES" not in os.environ,
@@ -51,7 +52,7 @@ def alarm(seconds: int):
 def attempt(config: bytes, weights: bytes) -> bool:
     """Load the files into a fresh Toy beside an existing adapter; True if it loaded, False if refused."""
     model = toy_with_adapter(name="existing", seed=5)
-    snap = snapshot(model)
+    snap = model_state(model)
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "adapter_config.json").write_bytes(config)
         (Path(d) / "adapter_model.safetensors").write_bytes(weights)
@@ -59,7 +60,7 @@ def attempt(config: bytes, weights: bytes) -> bool:
             with alarm(5):
                 name = load_adapter(model, d, "new")
         except AdapterFileError:
-            assert_unchanged(model, snap)
+            assert_unchanged(snap, model)
             return False
     assert name == "new" and set(lora_configs(model)) == {"existing", "new"}
     for p in model.parameters():

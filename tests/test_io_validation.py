@@ -8,8 +8,8 @@ import torch
 
 import lorakit.adapter_file
 from lorakit import AdapterFileError, LoraConfig, inject, load_adapter, save_adapter
-from tests.conftest import make_tiny
-from tests.test_io import Toy, assert_unchanged, snapshot, toy_with_adapter
+from tests.conftest import assert_unchanged, make_tiny, model_state
+from tests.test_io import Toy, toy_with_adapter
 
 UNSUPPORTED = ": this PEFT option is not supported by lorakit yet; only adapters without it can be loaded"
 
@@ -38,11 +38,11 @@ def test_unsupported_or_bad_config_fields_are_refused_by_name(tmp_path, field, v
     cfg[field] = value
     path.write_text(json.dumps(cfg))
     model = Toy()
-    snap = snapshot(model)
+    snap = model_state(model)
     with pytest.raises(AdapterFileError) as e:
         load_adapter(model, tmp_path / "a")
     assert str(e.value).startswith(f"{path}: ") and message in str(e.value), str(e.value)
-    assert_unchanged(model, snap)
+    assert_unchanged(snap, model)
 
 
 def test_unknown_fields_at_their_default_are_tolerated(tmp_path):
@@ -85,11 +85,11 @@ def test_bad_weights_raise_naming_file_and_key_and_leave_model_unchanged(tmp_pat
     save_adapter(toy_with_adapter(), tmp_path / "a")
     _edit_tensors(tmp_path / "a", edit)
     model = toy_with_adapter(name="existing", seed=3)  # loading beside an adapter must not disturb it either
-    snap = snapshot(model)
+    snap = model_state(model)
     with pytest.raises(AdapterFileError, match="adapter_model.safetensors") as e:
         load_adapter(model, tmp_path / "a", "new")
     assert message in str(e.value)
-    assert_unchanged(model, snap)
+    assert_unchanged(snap, model)
 
 
 def _raw(header, data):
@@ -130,10 +130,10 @@ def test_pickle_files_are_refused_with_a_conversion_hint(tmp_path):
 def test_wrong_base_model_is_refused(tmp_path):
     save_adapter(toy_with_adapter(), tmp_path / "a")
     model = make_tiny("llama")
-    snap = snapshot(model)
+    snap = model_state(model)
     with pytest.raises(AdapterFileError, match="target_modules"):
         load_adapter(model, tmp_path / "a")
-    assert_unchanged(model, snap)
+    assert_unchanged(snap, model)
 
 
 def test_weights_over_the_size_cap_are_refused_before_reading(tmp_path, monkeypatch):
@@ -142,11 +142,11 @@ def test_weights_over_the_size_cap_are_refused_before_reading(tmp_path, monkeypa
     read = []
     monkeypatch.setattr(lorakit.adapter_file, "parse_safetensors", lambda *a: read.append(1))
     model = Toy()
-    snap = snapshot(model)
+    snap = model_state(model)
     with pytest.raises(AdapterFileError, match=rf"adapter_model.safetensors: {size:,} bytes, over the 1,000-byte cap"):
         load_adapter(model, tmp_path / "a", max_bytes=1000)
     assert not read
-    assert_unchanged(model, snap)
+    assert_unchanged(snap, model)
 
 
 def test_finite_in_the_file_but_inf_in_an_fp16_model_is_refused(tmp_path):
@@ -157,11 +157,11 @@ def test_finite_in_the_file_but_inf_in_an_fp16_model_is_refused(tmp_path):
     save_adapter(model, tmp_path / "a")
     load_adapter(Toy(), tmp_path / "a")  # an fp32 model takes it
     half = Toy().half()
-    snap = snapshot(half)
+    snap = model_state(half)
     with pytest.raises(AdapterFileError, match=r"lin.lora_A.weight: values overflow to Inf in the model's "
                                                r"torch.float16 \(largest magnitude 1e\+05\)"):
         load_adapter(half, tmp_path / "a")
-    assert_unchanged(half, snap)
+    assert_unchanged(snap, half)
 
 
 def test_symlinks_leaving_the_adapter_directory_are_refused(tmp_path):
