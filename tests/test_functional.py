@@ -134,12 +134,18 @@ def test_bf16_matches_fp32_reference_within_bf16_tolerance():
     torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=1e-1)
 
 
+def _groups(ids, As, Bs, scales):
+    # the per-adapter row groups of an id-per-row assignment (-1 = no adapter)
+    return [((ids == k).nonzero(as_tuple=True)[0], As[k], Bs[k], scales[k])
+            for k in range(len(As)) if bool((ids == k).any())]
+
+
 def test_delta_and_mixed_batch_semantics():
     x, W, b, A, B = _tensors(seed=4)
     A2, B2 = A.flip(0), B.flip(1) * 3
     torch.testing.assert_close(delta_weight(A, B, 2.0), 2.0 * B @ A)
     ids = torch.tensor([0, 1, -1, 1, 0])
-    out = mixed_lora_delta(x, ids, [A, A2], [B, B2], [1.0, 0.5])
+    out = mixed_lora_delta(x, _groups(ids, [A, A2], [B, B2], [1.0, 0.5]))
     for i, k in enumerate(ids.tolist()):
         expect = torch.zeros(3, 10) if k < 0 else x[i] @ ([A, A2][k].T @ [B, B2][k].T) * [1.0, 0.5][k]
         torch.testing.assert_close(out[i], expect, rtol=1e-5, atol=1e-5)
@@ -219,7 +225,7 @@ def test_mixed_batch_with_many_adapters_takes_the_stacked_path():
     scales = [0.5 + k for k in range(12)]
     ids = torch.tensor([k % 13 - 1 for k in range(26)])  # every adapter twice, and base rows (-1)
     x = torch.randn(26, 3, 6, generator=g)
-    out = mixed_lora_delta(x, ids, As, Bs, scales)
+    out = mixed_lora_delta(x, _groups(ids, As, Bs, scales))
     for i, k in enumerate(ids.tolist()):
         expect = torch.zeros(3, 4) if k < 0 else x[i] @ As[k].T @ Bs[k].T * scales[k]
         torch.testing.assert_close(out[i], expect, rtol=1e-5, atol=1e-5)
