@@ -27,6 +27,16 @@ def _drawn_mask(global_seed: int, x: torch.Tensor, p: float) -> torch.Tensor:
     return keep.view(x.shape).float() / keep_p
 
 
+def _assert_values_and_grads(out, ref, ours, refs):
+    """`out` equals the dense reference `ref`, and so do the gradients of each input pair (ours[i], refs[i])."""
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref.backward(g)
+    for a, r in zip(ours, refs, strict=True):
+        torch.testing.assert_close(a.grad, r.grad, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("train_bias", [False, True])
 def test_forward_and_grads_equal_dense_reference(train_bias):
     x, W, b, A, B = _tensors()
@@ -76,13 +86,7 @@ def test_frozen_weight_gets_no_grad_and_trainable_weight_uses_autograd():
     ours = [t.clone().requires_grad_(True) for t in (x, W, A, B)]
     refs = [t.clone().requires_grad_(True) for t in (x, W, A, B)]
     out = lora_linear(ours[0], ours[1], b, ours[2], ours[3], 0.5)
-    ref = F.linear(refs[0], refs[1] + 0.5 * refs[3] @ refs[2], b)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    g = torch.randn_like(out)
-    out.backward(g)
-    ref.backward(g)
-    for a, r in zip(ours, refs, strict=True):
-        torch.testing.assert_close(a.grad, r.grad, rtol=1e-5, atol=1e-5)
+    _assert_values_and_grads(out, F.linear(refs[0], refs[1] + 0.5 * refs[3] @ refs[2], b), ours, refs)
     frozen = W.clone()
     lora_linear(x, frozen, b, A.clone().requires_grad_(True), B, 0.5).sum().backward()
     assert frozen.grad is None
@@ -117,13 +121,7 @@ def test_lean_path_few_and_many_rows_equal_dense_with_grads(rows):
     ours = [t.clone().requires_grad_(True) for t in (x, A, B)]
     refs = [t.clone().requires_grad_(True) for t in (x, A, B)]
     out = lora_linear(ours[0], W, b, ours[1], ours[2], 1.5)
-    ref = F.linear(refs[0], W + 1.5 * refs[2] @ refs[1], b)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    g = torch.randn_like(out)
-    out.backward(g)
-    ref.backward(g)
-    for a, r in zip(ours, refs, strict=True):
-        torch.testing.assert_close(a.grad, r.grad, rtol=1e-5, atol=1e-5)
+    _assert_values_and_grads(out, F.linear(refs[0], W + 1.5 * refs[2] @ refs[1], b), ours, refs)
 
 
 def test_bf16_matches_fp32_reference_within_bf16_tolerance():
