@@ -258,6 +258,9 @@ def _cmd_eval_e2e(args: argparse.Namespace) -> None:
     print(report(result))
 
 
+SST2_NAMES = {"0": "negative", "1": "positive"}
+
+
 def _format_prediction(pred: dict, names: dict[str, str] | None = None) -> str:
     if "label" in pred:
         return f"{(names or {}).get(pred['label'], pred['label'])} ({pred['prob']:.3f})"
@@ -330,7 +333,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
           f"wall time {time.perf_counter() - start:.0f} s")
     preds = predict(result.model, result.tokenizer, "classification", ["0", "1"], DEMO_SENTENCES, config.max_length)
     for text, pred in zip(DEMO_SENTENCES, preds, strict=True):
-        print(f"  {_format_prediction(pred, {'0': 'negative', '1': 'positive'}):<18} {text}")
+        print(f"  {_format_prediction(pred, SST2_NAMES):<18} {text}")
     print(f"try: lorakit predict --adapter {result.adapter_dir} \"an utterly charming film .\"")
     from lorakit.serve.demo import classify_over_http
 
@@ -338,8 +341,8 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     print(f"serving {run_dir.name} with lorakit serve on 127.0.0.1; POST /v1/classify:", flush=True)
     answers, command = classify_over_http(run_dir, DEMO_SENTENCES)
     for text, answer in zip(DEMO_SENTENCES, answers, strict=True):
-        label = {"0": "negative", "1": "positive"}.get(answer["label"], answer["label"])
-        print(f"  served: {label} ({max(answer['probs']):.3f})   {text}")
+        served = {"label": answer["label"], "prob": max(answer["probs"])}
+        print(f"  served: {_format_prediction(served, SST2_NAMES)}   {text}")
     print(f"serve it yourself: {command}")
     print(f"  curl -s localhost:8000/v1/classify -H 'Content-Type: application/json' "
           f"-d '{{\"model\": \"{run_dir.name}\", \"input\": [\"a dull mess .\"]}}'")
