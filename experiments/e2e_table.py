@@ -6,7 +6,10 @@ changed, in a fresh process each (so peak memory is the method's own), then `lor
 greedily for the 630 MRs of test.txt and scores them as the official e2e-metrics script does.
 The zero-shot row is the bare base model prompted with an instruction through its chat template.
 
-Resumable: each finished row is saved to the results json and skipped on a rerun.
+Resumable: each finished row is saved to the results json (experiments/results/e2e-table.json, committed,
+with each row's summary, generated texts and scores beside it) and skipped on a rerun; a row cut short
+resumes from its last training checkpoint (every 50 steps), and a row whose training or scoring finished
+is not run again.
 
     python experiments/e2e_table.py                  # the full table (4-6 h on 2 cores; see docs/llm.md)
     python experiments/e2e_table.py --quick          # smoke test: a few steps, 4 MRs per row
@@ -30,10 +33,12 @@ ROWS: dict[str, tuple[str, list[str] | None]] = {
     "zero-shot": ("base + instruction (zero-shot)", None),
     "lora-qv-r4": ("LoRA q,v r=4", ["--targets", "q_proj", "v_proj", "--r", "4", "--alpha", "8"]),
     "lora-all-linear": ("LoRA all-linear r=8", []),
-    "full": ("full fine-tuning", ["--method", "full", "--lr", "5e-5"]),
     "top-k": ("top-k k=2", ["--method", "top-k", "--top_k", "2", "--lr", "1e-4"]),
     "bitfit": ("BitFit", ["--method", "bitfit", "--lr", "1e-3"]),
-}
+    "full": ("full fine-tuning", ["--method", "full", "--lr", "5e-5"]),
+}  # run in this order: cheapest first
+RESULTS = ROOT / "experiments" / "results"
+KEEP = ("summary.json", "config.json", "eval-test/scores.json", "eval-test/outputs.txt")
 QUICK = ["--max_steps", "2", "--train_limit", "16", "--dev_limit", "8", "--eval_every", "0"]
 METRICS = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
 
@@ -68,18 +73,33 @@ def zero_shot(args: argparse.Namespace, out: Path) -> dict:
 
 
 def trained_row(name: str, flags: list[str], args: argparse.Namespace, out: Path) -> dict:
+    """Train (resuming a cut run from its checkpoint), then score on test.txt; finished parts are not redone."""
     train = ["train", "--task", "e2e", "--model", args.model, "--out", str(out), "--no-progress", *flags]
-    start = time.perf_counter()
-    print(_lorakit(train + (QUICK if args.quick else [])).strip().splitlines()[-1], flush=True)
-    train_s = time.perf_counter() - start
+    timing = out / "train_s.json"  # wall seconds of training, summed over the attempts that ran
+    if not (out / "summary.json").is_file():
+        spent = json.loads(timing.read_text())["train_s"] if timing.is_file() else 0.0
+        resume = ["--resume"] if (out / "checkpoints" / "latest").is_file() else []
+        start = time.perf_counter()
+        done = _lorakit(train + (QUICK if args.quick else ["--checkpoint_every", "50"]) + resume)
+        print(done.strip().splitlines()[-1], flush=True)
+        timing.write_text(json.dumps({"train_s": spent + time.perf_counter() - start, "resumed": bool(resume)}))
     summary = json.loads((out / "summary.json").read_text())
-    _lorakit(["eval", "--adapter", str(out / "adapter"), "--data", str(TEST), "--limit", str(args.limit),
-              "--num_beams", str(args.num_beams), "--max_new_tokens", str(args.max_new_tokens),
-              "--batch_size", str(args.batch_size), "--out", str(out / "eval-test")])
+    if not (out / "eval-test" / "scores.json").is_file():
+        _lorakit(["eval", "--adapter", str(out / "adapter"), "--data", str(TEST), "--limit", str(args.limit),
+                  "--num_beams", str(args.num_beams), "--max_new_tokens", str(args.max_new_tokens),
+                  "--batch_size", str(args.batch_size), "--out", str(out / "eval-test")])
     scores = json.loads((out / "eval-test" / "scores.json").read_text())
-    return {"trainable": summary["trainable"], "train_s": round(train_s, 1), "steps": summary["steps"],
-            "step_s": summary["step_time_s"], "peak_mib": summary["memory_mib"], "dev_loss": summary["metric"],
-            "scores": scores["scores"], "generate_s": scores["generate_s"]}
+    return {"trainable": summary["trainable"], "train_s": round(json.loads(timing.read_text())["train_s"], 1),
+            "steps": summary["steps"], "step_s": summary["step_time_s"], "peak_mib": summary["memory_mib"],
+            "dev_loss": summary["metric"], "scores": scores["scores"], "generate_s": scores["generate_s"]}
+
+
+def keep(out: Path, dest: Path) -> None:
+    """Copy a row's summary, config, scores and generated texts next to the committed results json."""
+    for rel in KEEP:
+        if (out / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            (dest / rel).write_bytes((out / rel).read_bytes())
 
 
 def table(results: dict) -> str:
@@ -108,14 +128,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="smoke test: 2 train steps, 4 test MRs, 16 new tokens")
     p.add_argument("--model", default="smollm2", help="base model (bundled name or directory)")
     p.add_argument("--runs", default=None, help="run directories (default runs/e2e-table, quick: runs/e2e-table-quick)")
-    p.add_argument("--results", default=None, help="results json (default RUNS/results.json)")
+    p.add_argument("--results", default=None, help="results json (default experiments/results/e2e-table.json)")
     p.add_argument("--only", nargs="+", choices=list(ROWS), help="run only these rows")
     p.add_argument("--num_beams", type=int, default=1, help="1 = greedy (the table's setting)")
     p.add_argument("--batch_size", type=int, default=16, help="generation batch")
     args = p.parse_args(argv)
     args.limit, args.max_new_tokens = (4, 16) if args.quick else (0, 96)
     runs = Path(args.runs or ROOT / "runs" / ("e2e-table-quick" if args.quick else "e2e-table"))
-    results_path = Path(args.results or runs / "results.json")
+    results_path = Path(args.results or (runs / "results.json" if args.quick else RESULTS / "e2e-table.json"))
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     for name, (label, flags) in ROWS.items():
         if name in results or (args.only and name not in args.only):
@@ -127,7 +147,9 @@ def main(argv: list[str] | None = None) -> None:
             results[name] = zero_shot(args, runs / name)
         else:
             results[name] = trained_row(name, flags, args, runs / name)
-        runs.mkdir(parents=True, exist_ok=True)
+        if not args.quick:
+            keep(runs / name, results_path.parent / "e2e-table" / name)
+        results_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = results_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(results, indent=2) + "\n")
         tmp.replace(results_path)  # a finished row survives any later crash
