@@ -9,7 +9,8 @@ The zero-shot row is the bare base model prompted with an instruction through it
 Resumable: each finished row is saved to the results json (experiments/results/e2e-table.json, committed,
 with each row's summary, generated texts and scores beside it) and skipped on a rerun; a row cut short
 resumes from its last training checkpoint (every 50 steps), and a row whose training or scoring finished
-is not run again.
+is not run again. While a file RUNS/PAUSE exists the script waits before its next row, so a timing
+benchmark can run alone between rows (two timed jobs on 2 cores spoil each other's numbers).
 
     python experiments/e2e_table.py                  # the full table (4-6 h on 2 cores; see docs/llm.md)
     python experiments/e2e_table.py --quick          # smoke test: a few steps, 4 MRs per row
@@ -140,6 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, (label, flags) in ROWS.items():
         if name in results or (args.only and name not in args.only):
             continue
+        while (runs / "PAUSE").exists():  # a benchmark has the CPU; wait for it between rows
+            time.sleep(20)
         print(f"== {label}", flush=True)
         if name == "bitfit" and _bias_free(args.model):
             results[name] = {"skipped": "not applicable: the model has no bias parameters"}
