@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorakit.cli import build_parser, config_from_args, main
+from lorakit.cli import build_parser, main
 from lorakit.train.config import TrainConfig
+from lorakit.train.flags import config_from_args
 from tests.train.conftest import save_tiny_bert
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +81,7 @@ def test_hugging_face_training_argument_spellings(monkeypatch):
     from peft import LoraConfig as PeftLoraConfig
     from transformers import TrainingArguments
 
-    from lorakit.cli import TRAIN_ALIASES
+    from lorakit.train.flags import TRAIN_ALIASES
 
     real = {f.name for f in fields(TrainingArguments)} | {f.name for f in fields(PeftLoraConfig)} | {
         "model_name_or_path"}  # HF's example scripts' ModelArguments

@@ -8,11 +8,12 @@ import json
 import pytest
 
 from lorakit import e2e_metrics
-from lorakit.cli import build_parser, config_from_args, given_fields, main
+from lorakit.cli import build_parser, main
 from lorakit.e2e_metrics import bleu, group_by_mr, nist
 from lorakit.generate import generate
 from lorakit.train.config import METHOD_RECIPES, RECIPES, TrainConfig
 from lorakit.train.data import E2E_DEV_FRACTION, bundled_data_dir, load_task, read_e2e, split_by_mr
+from lorakit.train.flags import config_from_args, given_fields
 from lorakit.train.inference import load_trained
 from lorakit.train.loop import train
 
