@@ -36,8 +36,9 @@ def table_args(out: Path, quick: bool, model: str | None, seeds: int | None, log
 
 
 def _note(args) -> str:
-    return (f"\n{e2e_table.describe(args)}; run directories: {args.runs}. Rows are shared with "
-            "`python experiments/e2e_table.py` (a row either one finished is not trained again).\n")
+    shared = (" Rows are shared with `python experiments/e2e_table.py` (a row either one finished is not trained "
+              "again)." if args.results == e2e_table.RESULTS / "e2e-table.json" else "")
+    return f"\n{e2e_table.describe(args)}; run directories: {args.runs}.{shared}\n"
 
 
 def run_methods(out: Path, quick: bool, model: str | None, seeds: int | None, log: Callable) -> list[Path]:

@@ -17,7 +17,7 @@ resumes from its last training checkpoint (every 50 steps), and a row whose trai
 is not run again. While a file RUNS/PAUSE exists the script waits before its next row, so a timing
 benchmark can run alone between rows (two timed jobs on 2 cores spoil each other's numbers).
 
-    python experiments/e2e_table.py                  # the table's 10 rows (~7 h on 2 cores; see docs/RESULTS.md)
+    python experiments/e2e_table.py                  # the table's 10 rows (~6 h on 2 cores; see docs/RESULTS.md)
     python experiments/e2e_table.py --only adapter prefix
     python experiments/e2e_table.py --quick          # smoke test: a few steps, 4 MRs per row
 """

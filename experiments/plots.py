@@ -27,6 +27,9 @@ def plot_lines(series: dict[str, Points], path: str | Path, title: str, xlabel: 
         ax.errorbar(xs, means, yerr=errors, marker="o", capsize=3, lw=1.2, label=label)
     if log_base:
         ax.set_xscale("log", base=log_base)
+    if log_base == 2:  # ranks: label the ranks themselves (1, 2, 4, 8, 64), not powers of 2
+        xs = sorted({x for points in series.values() for x, _ in points})
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     if len(series) > 1:
         ax.legend(fontsize=7)
