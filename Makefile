@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 export OMP_WAIT_POLICY=PASSIVE
 
-.PHONY: install demo test lint bench experiments experiments-quick clean
+.PHONY: install demo test lint bench experiments experiments-e2e experiments-quick clean
 
 install: $(STAMP)
 
@@ -33,13 +33,20 @@ bench: install
 	$(BIN)/python benchmarks/train_step.py --dropout 0.1
 	$(BIN)/python benchmarks/generate_speed.py
 
-# The paper in miniature (docs/RESULTS.md): about 6 hours on 2 CPU cores; each experiment resumes where it stopped.
-EXPERIMENTS ?= lr-sweep glue-mini rank targets ner subspace
+# The paper in miniature (docs/RESULTS.md, which gives each part's estimated time): the MiniLM experiments
+# (~6 h on 2 CPU cores), then the E2E table on SmolLM2 (~40 min per row); every part resumes where it stopped.
+# Cheapest first; lr-sweep before glue-mini, which reads its choices (best_lr.json).
+EXPERIMENTS ?= rank targets subspace ner lr-sweep glue-mini
+E2E_EXPERIMENTS ?= e2e-methods rank-e2e
 experiments: install
 	for e in $(EXPERIMENTS); do $(BIN)/lorakit experiment $$e || exit 1; done
 
+experiments-e2e: install
+	$(BIN)/python experiments/e2e_table.py
+	for e in $(E2E_EXPERIMENTS); do $(BIN)/lorakit experiment $$e || exit 1; done
+
 experiments-quick: install
-	for e in $(EXPERIMENTS); do $(BIN)/lorakit experiment $$e --quick || exit 1; done
+	for e in $(EXPERIMENTS) $(E2E_EXPERIMENTS); do $(BIN)/lorakit experiment $$e --quick || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache

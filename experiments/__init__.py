@@ -1,6 +1,6 @@
 """The paper in miniature: each experiment lists its training runs and writes its tables and figures.
 
-    lorakit experiment NAME [--quick] [--out DIR]       (or: make experiments)
+    lorakit experiment NAME [--quick] [--out DIR]       (or: make experiments, make experiments-e2e)
 """
 
 from experiments import e2e, glue_mini, lr_sweep, ner, rank, subspace, targets

@@ -1,50 +1,67 @@
-"""E2E on SmolLM2-135M (the paper's Table 3 and the E2E half of Table 6, in miniature), scored by dev loss and
-perplexity (the loop's dev metric; BLEU/NIST/METEOR/ROUGE-L/CIDEr come from the LLM issue's E2E evaluation).
+"""E2E on SmolLM2-135M, two views over the E2E table's rows (experiments/e2e_table.py), scored on test.txt
+(BLEU, NIST, METEOR, ROUGE-L, CIDEr; greedy) like every row of that table:
 
-    rank-e2e      LoRA on q, v at r in {1, 4, 16}, alpha 32 for every r (the paper's GPT-2 E2E alpha)
-    e2e-methods   LoRA q, v r=4 against AdapterH, AdapterL, PreLayer and PreEmbed
+    e2e-methods   LoRA q,v r=4 against AdapterH, AdapterL, PreLayer and PreEmbed (the paper's Table 3 rows)
+    rank-e2e      LoRA q,v at r in {1, 4, 16}, alpha 8 for every r (the E2E half of the paper's Table 6)
 
-One epoch of E2E takes ~40 minutes on 2 CPU cores, so each run trains one epoch (the paper trains 5).
-The base model is "smollm2", resolved by lorakit.models (or pass --model DIR).
+Both run only the rows the table has not finished, into the table's own store (runs/e2e-table and
+experiments/results/e2e-table.json), so the r=4 row is the table's lora-qv-r4 and nothing trains twice.
+With --quick or --model the rows go into OUT/runs and OUT/results.json instead. One seed (as the table).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
-from experiments.runner import Experiment, Spec, method_table, write_text
-from lorakit.train.bottleneck import ADAPTER_LR
-from lorakit.train.prefix import PREFIX_LR, PROMPT_LR
+from experiments import e2e_table
+from experiments.plots import plot_lines
+from experiments.runner import Experiment, write_text
+from lorakit.errors import LoraConfigError
 
-# targets None: the architecture's q, v (q_proj, v_proj on SmolLM2; c_attn's q, v slices on GPT-2)
-BASE = {"task": "e2e", "model": "smollm2", "epochs": 1, "batch_size": 8, "max_length": 128}
-LORA = {"method": "lora", "targets": None, "r": 4, "alpha": 32, "lr": 2e-4, "dropout": 0.1}
-METHODS = {"lora": LORA, "adapter": {"method": "adapter", "lr": ADAPTER_LR},
-           "adapter-l": {"method": "adapter-l", "lr": ADAPTER_LR}, "prefix": {"method": "prefix", "lr": PREFIX_LR},
-           "prompt": {"method": "prompt", "lr": PROMPT_LR}}
-RANKS = (1, 4, 16)
+METHOD_ROWS = ("lora-qv-r4", "adapter", "adapter-l", "prefix", "prompt")
+RANK_ROWS = {"lora-qv-r1": 1, "lora-qv-r4": 4, "lora-qv-r16": 16}
 
 
-def rank_specs(quick: bool, seeds: int | None, out: Path) -> list[Spec]:
-    return [Spec(f"e2e-qv-r{r}-s{seed}", f"r={r}", {**BASE, **LORA, "r": r}, seed, {"r": r})
-            for r in RANKS for seed in range(seeds or 1)]
+def table_args(out: Path, quick: bool, model: str | None, seeds: int | None, log: Callable):
+    """The E2E table's settings for these rows: its store for a full run on SmolLM2, OUT's otherwise."""
+    if seeds not in (None, 1):
+        raise LoraConfigError(f"--seeds {seeds}: the E2E rows run one seed (40 minutes each); leave --seeds out")
+    argv = ["--quick"] * quick + (["--model", model] if model else [])
+    if quick or model:
+        argv += ["--runs", str(out / "runs"), "--results", str(out / "results.json")]
+    args = e2e_table.parse_args(argv)
+    args.log = log
+    return args
 
 
-def method_specs(quick: bool, seeds: int | None, out: Path) -> list[Spec]:
-    return [Spec(f"e2e-{label}-s{seed}", label, {**BASE, **cfg}, seed, {"label": label})
-            for label, cfg in METHODS.items() for seed in range(seeds or 1)]
+def _note(args) -> str:
+    shared = (" Rows are shared with `python experiments/e2e_table.py` (a row either one finished is not trained "
+              "again)." if args.results == e2e_table.RESULTS / "e2e-table.json" else "")
+    return f"\n{e2e_table.describe(args)}; run directories: {args.runs}.{shared}\n"
 
 
-def rank_report(results: list[dict], out: Path, quick: bool) -> list[Path]:
-    return [write_text(out / "rank_e2e.md", "# rank on E2E (SmolLM2, q, v; dev loss, lower is better)\n\n"
-                       + method_table(results), quick)]
+def run_methods(out: Path, quick: bool, model: str | None, seeds: int | None, log: Callable) -> list[Path]:
+    args = table_args(out, quick, model, seeds, log)
+    results = e2e_table.run_rows(args, METHOD_ROWS)
+    out.mkdir(parents=True, exist_ok=True)
+    text = ("# E2E on SmolLM2: LoRA vs adapters and prefixes (test set)\n\n"
+            + e2e_table.table(results, METHOD_ROWS) + "\n" + _note(args))
+    return [write_text(out / "e2e_methods.md", text, quick)]
 
 
-def method_report(results: list[dict], out: Path, quick: bool) -> list[Path]:
-    return [write_text(out / "e2e_methods.md", "# E2E on SmolLM2: LoRA vs adapters and prefixes (dev loss)\n\n"
-                       + method_table(results), quick)]
+def run_rank(out: Path, quick: bool, model: str | None, seeds: int | None, log: Callable) -> list[Path]:
+    args = table_args(out, quick, model, seeds, log)
+    results = e2e_table.run_rows(args, RANK_ROWS)
+    out.mkdir(parents=True, exist_ok=True)
+    text = ("# rank on E2E (SmolLM2, LoRA on q, v, alpha 8; test set)\n\n"
+            + e2e_table.table(results, RANK_ROWS) + "\n" + _note(args))
+    points = [(r, [100 * results[name]["scores"]["BLEU"]]) for name, r in RANK_ROWS.items()]
+    figure = plot_lines({"BLEU": points}, out / "rank_e2e.png", "E2E test BLEU vs rank (q, v)", "rank r", "BLEU",
+                        log_base=2)
+    return [write_text(out / "rank_e2e.md", text, quick), figure]
 
 
-RANK = Experiment("rank-e2e", "r in {1,4,16} on q,v, E2E, SmolLM2", rank_specs, rank_report)
-METHODS_EXPERIMENT = Experiment("e2e-methods", "LoRA vs AdapterH/L, PreLayer, PreEmbed on E2E, SmolLM2",
-                                method_specs, method_report)
+RANK = Experiment("rank-e2e", "r in {1,4,16} on q,v, E2E test, SmolLM2 (rows of the E2E table)", run=run_rank)
+METHODS_EXPERIMENT = Experiment("e2e-methods", "LoRA vs AdapterH/L, PreLayer, PreEmbed on E2E test, SmolLM2 "
+                                "(rows of the E2E table)", run=run_methods)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from experiments.plots import plot_lines
 from experiments.recipes import RECIPES, SWEEP_FACTORS, TUNED_FILE, UNTUNED
 from experiments.runner import Experiment, Spec, markdown_table, write_text
 
@@ -29,7 +30,13 @@ def report(results: list[dict], out: Path, quick: bool) -> list[Path]:
             best[label] = (lr, acc)
     (out / TUNED_FILE).write_text(json.dumps({k: v[0] for k, v in best.items()}, indent=2) + "\n", encoding="utf-8")
     table = markdown_table(["method", "lr", "SST-2 dev accuracy (seed 0)"], rows)
-    return [write_text(out / "lr_sweep.md", "# lr sweep on SST-2 dev\n\n" + table, quick), out / TUNED_FILE]
+    curves: dict = {}
+    for r in results:
+        curves.setdefault(r["meta"]["label"], []).append((r["config"]["lr"], [r["summary"]["metric"]]))
+    figure = plot_lines(curves, out / "lr_sweep.png", "lr sweep (SST-2 dev, seed 0)", "peak lr", "accuracy",
+                        log_base=10)
+    text = "# lr sweep on SST-2 dev\n\n" + table + "\nFigure: lr_sweep.png\n"
+    return [write_text(out / "lr_sweep.md", text, quick), out / TUNED_FILE, figure]
 
 
 EXPERIMENT = Experiment("lr-sweep", "lr/3, lr, 3lr for top-k, adapters, prefix, prompt on SST-2 dev", specs, report)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from experiments.plots import plot_lines
 from experiments.recipes import RECIPES
 from experiments.runner import Experiment, Spec, markdown_table, mean_std, train_seconds, write_text
 
@@ -17,15 +18,19 @@ def specs(quick: bool, seeds: int | None, out: Path) -> list[Spec]:
 
 
 def report(results: list[dict], out: Path, quick: bool) -> list[Path]:
-    rows = []
+    rows, points = [], []
     for r in RANKS:
         rs = [x for x in results if x["meta"]["r"] == r]
         if rs:
-            s = rs[0]["summary"]
-            rows.append([str(r), f"{s['trainable']:,}", mean_std([x["summary"]["metric"] for x in rs]),
+            s, accuracies = rs[0]["summary"], [x["summary"]["metric"] for x in rs]
+            rows.append([str(r), f"{s['trainable']:,}", mean_std(accuracies),
                          f"{sum(map(train_seconds, rs)) / len(rs):.0f} s"])
+            points.append((r, accuracies))
     table = markdown_table(["rank r (q, v)", "trainable", "SST-2 dev accuracy", "train time"], rows)
-    return [write_text(out / "rank.md", "# rank: LoRA on Wq, Wv, SST-2 dev\n\n" + table, quick)]
+    figure = plot_lines({"SST-2 dev accuracy": points}, out / "rank.png", "rank of LoRA on Wq, Wv (SST-2 dev)",
+                        "rank r", "accuracy", log_base=2)
+    return [write_text(out / "rank.md", "# rank: LoRA on Wq, Wv, SST-2 dev\n\n" + table + "\nFigure: rank.png\n",
+                       quick), figure]
 
 
 EXPERIMENT = Experiment("rank", "r in {1,2,4,8,64} on q,v, SST-2", specs, report)

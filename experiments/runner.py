@@ -6,8 +6,10 @@ then its tables (markdown) and figures (PNG) in the output directory.
     OUT/*.md, OUT/*.png   what the experiment's `report` writes
 
 A run already in results.jsonl is skipped, so an interrupted experiment resumes where it stopped (the run
-that was cut off starts again from scratch). Each run trains in a fresh Python process by default, so its
-peak memory is its own; `in_process=True` (quick mode) saves the start-up time and reports the runner's peak.
+that was cut off starts again from scratch); a run whose configuration a sibling experiment (OUT/../*) has
+already trained is not trained again but recorded with `reused` = that run's directory. Each run trains in a
+fresh Python process by default, so its peak memory is its own; `in_process=True` (quick mode) saves the
+start-up time and reports the runner's peak.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from statistics import mean, stdev
 import torch
 
 from lorakit.errors import LoraConfigError
-from lorakit.train.config import TrainConfig
+from lorakit.train.config import RESUMABLE_CHANGES, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = "results.jsonl"
@@ -48,12 +50,17 @@ class Spec:
 
 @dataclass
 class Experiment:
-    """An experiment: `specs(quick, seeds, out)` lists its runs; `report(results, out, quick)` writes its outputs."""
+    """An experiment: `specs(quick, seeds, out)` lists its runs; `report(results, out, quick)` writes its outputs.
+
+    One whose runs another script owns (the E2E table's rows) gives `run(out, quick, model, seeds, log)` instead,
+    which trains what is missing and returns the paths it wrote.
+    """
 
     name: str
     description: str
-    specs: Callable[[bool, int | None, Path], list[Spec]]
-    report: Callable[[list[dict], Path, bool], list[Path]]
+    specs: Callable[[bool, int | None, Path], list[Spec]] | None = None
+    report: Callable[[list[dict], Path, bool], list[Path]] | None = None
+    run: Callable[[Path, bool, str | None, int | None, Callable], list[Path]] | None = None
 
 
 def read_results(out: Path) -> list[dict]:
@@ -85,25 +92,34 @@ def build_config(spec: Spec, out: Path, quick: bool, model: str | None) -> Train
         values |= QUICK
     if model is not None:
         values["model"] = model
-    elif values.get("model") and not Path(values["model"]).is_dir():
-        values["model"] = _resolve_named(values["model"])
     return TrainConfig(**values)
 
 
-def _resolve_named(name: str) -> str:
-    """A bundled model's directory by name ("smollm2"), through lorakit.models (the LLM issue)."""
-    try:
-        from lorakit.models import resolve_model
-    except ImportError:
-        raise LoraConfigError(f"model {name!r}: this lorakit has no lorakit.models to resolve it; pass --model DIR "
-                              "with a transformers model directory") from None
-    return str(resolve_model(name))
+def _settings(config: dict) -> dict:
+    """What decides a run's numbers: its config without where it is written and how it is executed."""
+    return {k: v for k, v in config.items() if k not in RESUMABLE_CHANGES}
+
+
+def finished_elsewhere(config: TrainConfig, out: Path) -> dict | None:
+    """A finished run with the same settings in a sibling experiment (OUT/../*/results.jsonl) whose run directory
+    is still there, or None. Experiments share configurations (rank's r=8 is glue-mini's lora-qv seed 0 and
+    subspace's r=8), and a run is deterministic in its config, so it is trained once."""
+    wanted = _settings(json.loads(json.dumps(config.to_dict())))  # JSON types, as results.jsonl holds them
+    for path in sorted(out.parent.glob(f"*/{RESULTS}")):
+        if path.parent.resolve() == out.resolve():
+            continue
+        for row in read_results(path.parent):
+            if _settings(row["config"]) == wanted and (Path(row["config"]["out"]) / "summary.json").is_file():
+                return row
+    return None
 
 
 def run_experiment(exp: Experiment, out: str | Path, quick: bool = False, model: str | None = None,
                    seeds: int | None = None, in_process: bool | None = None, log=print) -> list[Path]:
     """Train every run of `exp` not yet in OUT/results.jsonl, then write the tables and figures; their paths."""
     out = Path(out)
+    if exp.run is not None:
+        return exp.run(out, quick, model, seeds, log)
     in_process = quick if in_process is None else in_process
     specs = exp.specs(quick, seeds, out)
     names = [s.name for s in specs]
@@ -117,6 +133,14 @@ def run_experiment(exp: Experiment, out: str | Path, quick: bool = False, model:
     log(f"experiment {exp.name}: {len(specs)} runs, {len(specs) - len(todo)} already done; results in {out}")
     for i, spec in enumerate(todo, 1):
         config = configs[spec.name]
+        twin = finished_elsewhere(config, out)
+        if twin is not None:  # its config keeps the twin's out: the adapter the reports read is there
+            row = {**twin, "name": spec.name, "group": spec.group, "seed": spec.seed, "meta": spec.meta,
+                   "reused": twin["config"]["out"]}
+            with open(out / RESULTS, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+            log(f"  [{i}/{len(todo)}] {spec.name}: the same run as {twin['config']['out']}, reused")
+            continue
         run_dir = Path(config.out)
         shutil.rmtree(run_dir, ignore_errors=True)  # a run cut off earlier starts again
         run_dir.mkdir(parents=True)

@@ -70,7 +70,8 @@ def nist(hyps: list[str], refs: list[list[str]], max_n: int = 5) -> float:
                        (count of the empty prefix = total reference words)
         NIST = Σ_n Σ_seg Σ_hit-ngram info·min(hyp count, max count in one ref of the seg) / Σ_seg (len_hyp - n + 1)
                · exp(-β ln²(min(1, Σ len_hyp / Σ_seg mean ref len)))
-    As the script does, the per-n candidate counts len - n + 1 are not clipped at 0.
+    As the script does, the per-n candidate counts len - n + 1 are not clipped at 0. Where they sum to 0 (every
+    output shorter than n tokens; the script divides by zero there) that n adds nothing.
     """
     ref_counts: list[Counter] = [Counter() for _ in range(max_n + 1)]
     hits: list[list[Counter]] = [[] for _ in range(max_n)]
@@ -93,7 +94,8 @@ def nist(hyps: list[str], refs: list[list[str]], max_n: int = 5) -> float:
     def info(g: tuple) -> float:
         return math.log2(ref_counts[len(g) - 1][g[:-1]] / ref_counts[len(g)][g])
 
-    score = sum(sum(info(g) * c for seg in hits[n] for g, c in seg.items()) / cand_lens[n] for n in range(max_n))
+    score = sum(sum(info(g) * c for seg in hits[n] for g, c in seg.items()) / cand_lens[n]
+                for n in range(max_n) if cand_lens[n])
     ratio = cand_lens[0] / ref_len
     penalty = 1.0 if ratio >= 1 else 0.0 if ratio <= 0 else math.exp(-_NIST_BETA * math.log(ratio) ** 2)
     return score * penalty

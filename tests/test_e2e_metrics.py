@@ -2,6 +2,7 @@
 of the research notes, on test.txt grouped by MR (616 MRs with 2+ references; each MR's first reference
 is the output, the others its references), to the precision the notes state."""
 
+import math
 import shutil
 
 import pytest
@@ -57,3 +58,11 @@ def test_without_java_the_metrics_say_so(monkeypatch):
     scores, notes = e2e_scores(["the vaults is a pub ."], [["The Vaults is a pub .", "A pub : The Vaults ."]])
     assert scores["METEOR"] is scores["ROUGE_L"] is scores["CIDEr"] is None and scores["BLEU"] > 0
     assert any("java not found" in n for n in notes) and "METEOR not computed" in format_scores(scores)
+
+
+def test_nist_of_one_token_outputs_is_the_unigram_term():
+    # "pub" is 2 of the 4 reference words: info log2(4/2) = 1, matched once per MR over 2 output unigrams;
+    # no output has 2 tokens, so the bigram candidate count is 0 (the official script divides by zero there)
+    # and that term adds nothing. Brevity: 2 output words against 2 + 2 mean reference words.
+    beta = -math.log(0.5) / math.log(1.5) ** 2
+    assert nist(["pub", "pub"], [["the pub"], ["a pub"]]) == pytest.approx(math.exp(-beta * math.log(0.5) ** 2))

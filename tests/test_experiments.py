@@ -9,7 +9,6 @@ import pytest
 from experiments import EXPERIMENTS
 from experiments.runner import build_config, read_results, run_experiment
 from lorakit.cli import main
-from lorakit.errors import LoraConfigError
 from tests.train.conftest import save_tiny_bert
 
 
@@ -45,13 +44,26 @@ def test_targets_quick_through_the_cli_keeps_the_budget_equal(tiny_bert_dir, tmp
 
 
 @pytest.mark.parametrize("name,count", [("glue-mini", 60), ("lr-sweep", 15), ("rank", 5), ("targets", 7),
-                                        ("ner", 6), ("subspace", 4), ("rank-e2e", 3), ("e2e-methods", 5)])
+                                        ("ner", 6), ("subspace", 4)])
 def test_every_full_configuration_is_valid(tmp_path, name, count):
     specs = EXPERIMENTS[name].specs(False, None, tmp_path / name)
     assert len(specs) == count and len({s.name for s in specs}) == count
-    model = str(tmp_path) if "e2e" in name else None  # SmolLM2 is resolved by name only when no --model is given
-    configs = [build_config(s, tmp_path, False, model) for s in specs]
+    configs = [build_config(s, tmp_path, False, None) for s in specs]
     assert all(c.max_steps == 0 and c.train_limit == 0 for c in configs)  # the real runs: whole splits, all epochs
+
+
+def test_runs_shared_by_two_experiments_train_once(tiny_bert_dir, tmp_path):
+    run_experiment(EXPERIMENTS["rank"], tmp_path / "rank", quick=True, model=tiny_bert_dir, log=lambda *_: None)
+    assert (tmp_path / "rank" / "rank.png").read_bytes()[:4] == b"\x89PNG"
+    logs = []
+    written = run_experiment(EXPERIMENTS["subspace"], tmp_path / "subspace", quick=True, model=tiny_bert_dir,
+                             log=logs.append)
+    assert sum("reused" in line for line in logs) == 2  # r=8 and r=64 at seed 0 are rank's runs
+    assert sorted(p.name for p in (tmp_path / "subspace" / "runs").iterdir()) == ["sst2-qv-r64-s1", "sst2-qv-r8-s1"]
+    rows = {(r["meta"]["r"], r["seed"]): r for r in read_results(tmp_path / "subspace")}
+    assert rows[(8, 0)]["reused"] == str(tmp_path / "rank" / "runs" / "sst2-qv-r8-s0")
+    assert rows[(8, 0)]["summary"] == read_results(tmp_path / "rank")[3]["summary"]
+    assert len(written) == 7  # its report reads the reused adapters where they are
 
 
 def test_glue_mini_uses_the_lr_sweep_choice(tmp_path):
@@ -66,34 +78,6 @@ def test_an_unknown_experiment_is_named(capsys):
     assert "expected one of lr-sweep, glue-mini" in capsys.readouterr().err
 
 
-def test_a_named_model_without_lorakit_models_is_a_clear_error(tmp_path, monkeypatch):
-    import sys
-
-    monkeypatch.setitem(sys.modules, "lorakit.models", None)  # as in a lorakit without the LLM issue's module
-    spec = EXPERIMENTS["rank-e2e"].specs(False, None, tmp_path)[0]
-    with pytest.raises(LoraConfigError, match="pass --model DIR"):
-        build_config(spec, tmp_path, False, None)
-
-
-def test_e2e_methods_quick_on_a_tiny_gpt2_trains_the_closed_form_counts(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from tests.train.conftest import bpe_tokenizer
-
-    tok, d, layers, p = bpe_tokenizer(), 32, 2, 10
-    config = GPT2Config(n_layer=layers, n_embd=d, n_head=2, vocab_size=len(tok), n_positions=128,
-                        eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
-    GPT2LMHeadModel(config).save_pretrained(tmp_path / "m")
-    tok.save_pretrained(tmp_path / "m")
-    run_experiment(EXPERIMENTS["e2e-methods"], tmp_path / "out", quick=True, model=str(tmp_path / "m"),
-                   log=lambda *_: None)
-    counts = {r["meta"]["label"]: r["summary"]["trainable"] for r in read_results(tmp_path / "out")}
-    m = d // 32  # the default bottleneck
-    assert counts == {"lora": layers * 2 * 4 * (d + d),  # q and v slices of c_attn, r = 4: A (4, d) + B (d, 4)
-                      "adapter": layers * 2 * (2 * d * m + d + m), "adapter-l": layers * (2 * d * m + d + m + 2 * d),
-                      "prefix": layers * 2 * p * d, "prompt": p * d}
-
-
 def test_a_run_in_its_own_process_records_its_own_peak_memory(tiny_bert_dir, tmp_path):
     from experiments.runner import Experiment, Spec, method_table
 
@@ -103,3 +87,13 @@ def test_a_run_in_its_own_process_records_its_own_peak_memory(tiny_bert_dir, tmp
     (row,) = read_results(tmp_path)
     assert not row["in_process"] and row["summary"]["memory_kind"] == "peak RSS" and row["summary"]["steps"] == 2
     assert "(runner)" not in method_table([row])
+
+
+def test_lr_sweep_report_picks_the_best_lr_per_method_and_draws_its_curves(tmp_path):
+    rows = [{"meta": {"label": label}, "config": {"lr": lr}, "summary": {"metric": acc}}
+            for label, lr, acc in (("prefix", 1e-3, 0.80), ("prefix", 3e-3, 0.85), ("prefix", 1e-2, 0.70),
+                                   ("prompt", 1e-2, 0.60), ("prompt", 3e-2, 0.65))]
+    written = EXPERIMENTS["lr-sweep"].report(rows, tmp_path, False)
+    assert json.loads((tmp_path / "best_lr.json").read_text()) == {"prefix": 3e-3, "prompt": 3e-2}
+    assert tmp_path / "lr_sweep.png" in written and (tmp_path / "lr_sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| prefix | 0.003 | 0.8500 |" in (tmp_path / "lr_sweep.md").read_text()

@@ -2,6 +2,8 @@
 
 tiny BERT: hidden 32, 2 layers, no dropout, the real MiniLM tokenizer (vocab 30,522).
 tiny GPT-2: hidden 32, 2 layers, a byte-level BPE tokenizer trained here on E2E lines (no download).
+tiny Llama: hidden 32, 2 layers, 4 heads sharing 2 key/value heads (as SmolLM2's grouped-query attention), tied
+embeddings, the same BPE tokenizer.
 Both use initializer_range 0.2 (see BERT below).
 """
 
@@ -42,6 +44,20 @@ def bpe_tokenizer():
                                    model_input_names=["input_ids", "attention_mask"])
 
 
+def save_tiny_llama(path) -> str:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = bpe_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=256,
+                         tie_word_embeddings=True, initializer_range=0.2, eos_token_id=tok.eos_token_id,
+                         bos_token_id=tok.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory) -> str:
     return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
@@ -59,3 +75,8 @@ def tiny_gpt2_dir(tmp_path_factory) -> str:
     GPT2LMHeadModel(config).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> str:
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))

@@ -95,3 +95,19 @@ def test_generate_cli_merged_and_bare_peft_directory(e2e_run, tiny_gpt2_dir, tmp
     assert main(["generate", "--model", tiny_gpt2_dir, "--adapter", str(bare), "--no-chat", "name : Zizzi ||",
                  "--max_new_tokens", "6"]) == 0
     assert capsys.readouterr().out.strip() == expected.strip()
+
+
+@pytest.mark.parametrize("method", ["adapter", "adapter-l", "prefix", "prompt"])
+def test_eval_rebuilds_adapter_and_prefix_runs_as_trained(method, tiny_llama_dir, tmp_path, monkeypatch):
+    # these methods save trainable.safetensors, not a LoRA file: eval must rebuild their modules and hooks (the
+    # prefix on grouped-query attention) and generate, batched with left padding, what the trained model does
+    monkeypatch.setattr(e2e_metrics.shutil, "which", lambda name: None)
+    result = train(TrainConfig(model=tiny_llama_dir, task="e2e", method=method, out=str(tmp_path / "run"),
+                               train_limit=16, dev_limit=8, batch_size=8, max_steps=3, lr=5e-2, max_length=128,
+                               threads=1, progress=False))
+    assert (tmp_path / "run" / "adapter" / "trainable.safetensors").is_file()
+    assert main(["eval", "--adapter", str(tmp_path / "run" / "adapter"), "--data", str(TEST), "--limit", "5",
+                 "--max_new_tokens", "8", "--out", str(tmp_path / "eval")]) == 0
+    prompts = [mr + " ||" for mr, _ in group_by_mr(TEST)[:5]]
+    expected = generate(result.model, result.tokenizer, prompts, max_new_tokens=8, chat=False)
+    assert (tmp_path / "eval" / "outputs.txt").read_text().splitlines() == [" ".join(t.split()) for t in expected]

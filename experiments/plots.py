@@ -1,0 +1,39 @@
+"""Line charts for the experiments' reports (matplotlib, PNG): a metric against a setting, one line per series,
+the mean over seeds with ± one standard deviation as error bars where there are several."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from statistics import mean, stdev
+
+Points = list[tuple[float, list[float]]]  # (x, the metric of each seed at x)
+
+
+def plot_lines(series: dict[str, Points], path: str | Path, title: str, xlabel: str, ylabel: str,
+               log_base: int = 0) -> Path:
+    """One line per series through the mean at each x, written to `path` (PNG); x on a log scale of `log_base`
+    (0: linear). Returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for label, points in series.items():
+        points = sorted(points)
+        xs = [x for x, _ in points]
+        means = [mean(v) for _, v in points]
+        errors = [stdev(v) if len(v) > 1 else 0.0 for _, v in points]
+        ax.errorbar(xs, means, yerr=errors, marker="o", capsize=3, lw=1.2, label=label)
+    if log_base:
+        ax.set_xscale("log", base=log_base)
+    if log_base == 2:  # ranks: label the ranks themselves (1, 2, 4, 8, 64), not powers of 2
+        xs = sorted({x for points in series.values() for x, _ in points})
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    if len(series) > 1:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
