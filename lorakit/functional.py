@@ -93,6 +93,18 @@ def dropout_keep_mask(seed: int, shape: torch.Size, p: float, device: torch.devi
     return keep, (threshold + 32768) / 65536
 
 
+def _rank_product(M: Tensor, x: Tensor) -> Tensor:
+    """x·Mᵀ for a rank-r M (r, k) and many rows x (N, k): computed as (M·xᵀ)ᵀ, an (N, r) view of an (r, N) tensor.
+
+    Same values, other memory order: BLAS runs the wide (r, N) output faster than the 8-column (N, r) one
+    (one thread, CPU ms, N = 2048, r = 8: x·Aᵀ 0.55 -> 0.38 at k = 576 and 2.0 -> 1.0 at k = 1536; g·B 1.4 -> 0.36
+    at k = 576 and 3.8 -> 1.3 at k = 1536), and the r-wide factor gradients then read a contiguous (r, N) operand.
+    Measured on the lean function (forward + backward over the bare linear's, SmolLM2's shapes, fold path): the
+    LoRA overhead fell 28-56% (576→1536: 4.2 -> 1.9 ms of ~80).
+    """
+    return (M @ x.t()).t()
+
+
 class _LeanLoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, scale, p):
@@ -101,11 +113,11 @@ class _LeanLoraLinear(torch.autograd.Function):
         if p > 0:
             seed = int(torch.randint(0, 2**62, (1,)).item())  # drawn from the global RNG: reproducible
             keep, keep_p = dropout_keep_mask(seed, x2.shape, p, x2.device, x2.dtype)
-            xa = ((x2 * keep) @ A.t()).mul_(1.0 / keep_p)  # (N, r); a same-dtype mask multiplies fastest
+            xa = _rank_product(A, x2 * keep).mul_(1.0 / keep_p)  # (N, r); a same-dtype mask multiplies fastest
             out = F.linear(x2, weight, bias)
             out.addmm_(xa, B.t(), alpha=scale)
         else:
-            xa = x2 @ A.t()  # (N, r), kept for B's gradient
+            xa = _rank_product(A, x2)  # (N, r), kept for B's gradient
             if fold_pays(x2.shape[0], *weight.shape):  # training batches: one big matmul
                 out = F.linear(x2, torch.addmm(weight, B, A, alpha=scale), bias)
             else:  # few rows: two rank-r products beat building the out×in W + s·B·A
@@ -122,7 +134,7 @@ class _LeanLoraLinear(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         need_x, _, need_b, need_A, need_B = ctx.needs_input_grad[:5]
         keep = dropout_keep_mask(ctx.seed, x2.shape, p, x2.device, x2.dtype)[0] if p > 0 else None
-        gB = (g @ B).mul_(s / ctx.keep_p)  # (N, r), carries s and the dropout rescale
+        gB = _rank_product(B.t(), g).mul_(s / ctx.keep_p)  # (N, r) = g·B, carries s and the dropout rescale
         grad_x = grad_A = grad_B = grad_b = None
         if need_A:
             grad_A = gB.t() @ (x2 * keep if keep is not None else x2)  # (r, in)
