@@ -20,8 +20,9 @@ round by round (the order reverses every round) and the report takes medians. r=
 share of next-token positions that carry a label); `--labels all` labels every token, so the loss's positions
 are all of them. `floor` is the frozen model with gradients routed exactly where LoRA on the targets needs them
 but no LoRA work at all: the step no LoRA implementation can beat with the same loss computation. Optional
-impls `full-hf` and `floor-hf` (smollm2) step full / floor the HF way, as PEFT is stepped. BENCH_THREADS sets
-torch's threads (default: all cores).
+impls `full-hf` and `floor-hf` (smollm2) step full / floor the HF way, as PEFT is stepped. SmolLM2 defaults to
+3 timed steps after 1 warm-up per process (MiniLM: 6 after 3); --batch, --seq, --steps, --warmup override.
+BENCH_THREADS sets torch's threads (default: all cores). A failed worker stops the run with its stderr.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import sys
 import time
 
 DEFAULTS = {"minilm": {"batch": 32, "seq": 128, "dropout": 0.1, "steps": 6, "warmup": 3},
-            "smollm2": {"batch": 8, "seq": 256, "dropout": 0.0, "steps": 3, "warmup": 2}}
+            "smollm2": {"batch": 8, "seq": 256, "dropout": 0.0, "steps": 3, "warmup": 1}}
 ONCE = ("full", "full-hf")  # full fine-tuning does not depend on targets: measured with the first only
 
 
