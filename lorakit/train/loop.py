@@ -40,10 +40,11 @@ from lorakit.train.tasks import (
     eval_parts,
     load_model,
     load_tokenizer,
-    loss_sum,
+    logits_and_targets,
     metrics_from_parts,
-    model_inputs,
     resolve_model_path,
+    step_module,
+    summed_cross_entropy,
 )
 
 TRAINABLE_FILE = "trainable.safetensors"  # the "adapter" of methods other than lora: the trained tensors
@@ -217,7 +218,7 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None) -
         if ctx.is_main:
             print(recipe_line(run.config), flush=True)
         prog, best_state = _start(run)
-        net = distributed.wrap(run.model, ctx)
+        net = distributed.wrap(step_module(run.model, run.kind), ctx)  # DDP's forward runs the loss's logits
         metrics_path = Path(config.out) / "metrics.jsonl"
         bar = report.progress_bar(run.total_steps, prog.step, ctx.is_main and config.progress)
         step_times: list[float] = []
@@ -275,7 +276,8 @@ def _start(run: Run) -> tuple[checkpoint.Progress, dict | None]:
 
 
 def _optimizer_step(run: Run, net: nn.Module, group: list[list[int]]) -> tuple[float, int]:
-    """Forward/backward over the step's micro-batches, clip, AdamW step, lr step; (mean loss, examples)."""
+    """Forward/backward over the step's micro-batches, clip, AdamW step, lr step; (mean loss, examples).
+    `net` is `step_module(run.model, run.kind)`, DDP-wrapped when distributed."""
     ctx, kind = run.ctx, run.kind
     batches = [collate([run.train_items[i] for i in distributed.shard(b, ctx)], run.pad_id) for b in group]
     batches = [{k: v.to(ctx.device) for k, v in b.items()} for b in batches]
@@ -285,8 +287,8 @@ def _optimizer_step(run: Run, net: nn.Module, group: list[list[int]]) -> tuple[f
         last = i == len(batches) - 1
         with nullcontext() if last or not ctx.distributed else net.no_sync():  # all-reduce once per step
             with torch.autocast(ctx.device.type, torch.bfloat16, enabled=run.config.precision == "bf16"):
-                logits = net(**model_inputs(batch, kind)).logits
-            loss = loss_sum(kind, logits, batch["labels"]) / max(n_targets, 1)  # in fp32
+                logits, targets = logits_and_targets(net, kind, batch)  # causal LM: labelled positions only
+            loss = summed_cross_entropy(logits, targets) / max(n_targets, 1)  # in fp32
             (loss * ctx.world).backward()  # DDP averages over ranks; × world makes it the global sum
         total += float(loss.detach())
     params = [p for g in run.optimizer.param_groups for p in g["params"]]

@@ -4,6 +4,7 @@ each rank draws its own masks."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,24 @@ def test_two_processes_match_one(tmp_path, tiny_bert_dir):
     assert worst <= TOLERANCE, worst
     lora_b = [k for k in single if ".lora_B." in k]
     assert len(lora_b) == 4 and min(float(single[k].abs().max()) for k in lora_b) > 1e-3  # B left 0: it trained
+
+
+def test_causal_lm_two_processes_match_one(tmp_path, tiny_gpt2_dir):
+    """The LM loss on the labelled positions only runs inside DDP's forward (LabelledLogits), so DDP still
+    synchronises: the ranks end identical and equal to one process over the same global batches."""
+    model_dir = tmp_path / "gpt2"  # the tiny GPT-2 without its own dropout, so both runs see the same function
+    shutil.copytree(tiny_gpt2_dir, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+                                                       "attn_pdrop": 0.0}))
+    settings = {**SETTINGS, "task": "e2e", "max_length": 96}
+    ranks = _torchrun(TrainConfig(model=str(model_dir), out=str(tmp_path / "ddp"), **settings), tmp_path)
+    assert sorted(ranks[0]) == sorted(ranks[1]) and all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+    single = trainable_state(train(TrainConfig(model=str(model_dir), out=str(tmp_path / "one"), **settings)).model)
+    assert sorted(single) == sorted(ranks[0])
+    worst = max(float((single[k] - ranks[0][k]).abs().max()) for k in single)
+    assert worst <= TOLERANCE, worst
+    assert min(float(v.abs().max()) for k, v in single.items() if ".lora_B." in k) > 1e-3  # it trained
 
 
 def test_ranks_draw_their_own_dropout_masks_and_stay_in_sync(tmp_path, tiny_bert_dir):

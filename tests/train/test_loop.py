@@ -23,6 +23,7 @@ from lorakit.train.tasks import (
     loss_sum,
     metrics_from_parts,
     model_inputs,
+    step_module,
 )
 
 METRIC = {"sst2": "accuracy", "rte": "accuracy", "wnut17": "f1", "e2e": "loss"}
@@ -88,20 +89,32 @@ def test_dev_metrics_from_shards_equal_the_whole_split(tiny_bert_dir, tiny_gpt2_
     assert sharded == pytest.approx(whole, rel=1e-5, abs=1e-7)
 
 
-def test_micro_batches_give_the_gradient_of_the_global_batch(tmp_path, tiny_bert_dir):
-    """One step over [0..7] as one batch, as micro-batches of 3 + 5 (other word counts), and HF's loss."""
-    config = _config(tmp_path, tiny_bert_dir, "wnut17", max_grad_norm=0.0, dropout=0.0)
+@pytest.mark.parametrize("task", ["wnut17", "e2e"])
+def test_micro_batches_give_the_gradient_of_the_global_batch(tmp_path, tiny_bert_dir, tiny_gpt2_dir, task):
+    """One step over [0..7] as one batch, as micro-batches of 3 + 5 (other target counts), and HF's loss
+    (for the LM: over the full logits, while the loop computes the labelled positions' logits only)."""
+    model_dir = tiny_gpt2_dir if task == "e2e" else tiny_bert_dir
+    config = _config(tmp_path, model_dir, task, max_grad_norm=0.0, dropout=0.0, max_length=128)
     ctx = distributed.Context()
     deltas = []
     for group in ([list(range(8))], [[0, 1, 2], [3, 4, 5, 6, 7]]):
         run = setup(config, ctx)
+        run.model.eval()  # the tiny GPT-2's own dropout off: micro-batches would draw other masks
         params = [p for g in run.optimizer.param_groups for p in g["params"]]
         run.optimizer = torch.optim.SGD(params, lr=1.0)  # the step is then exactly -gradient
         run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, lambda step: 1.0)
         before = [p.detach().clone() for p in params]
-        _optimizer_step(run, run.model, group)
+        head_inputs = []
+        if task == "e2e":
+            run.model.get_output_embeddings().register_forward_hook(
+                lambda m, a, o, seen=head_inputs: seen.append(a[0].shape))
+        _optimizer_step(run, step_module(run.model, run.kind), group)
+        if task == "e2e":  # the output layer ran on the labelled positions' hidden states only
+            assert [s[0] for s in head_inputs] == [count_targets("causal_lm", collate(
+                [run.train_items[i] for i in b], run.pad_id)["labels"]) for b in group]
         deltas.append(torch.cat([(b - p.detach()).flatten() for b, p in zip(before, params, strict=True)]))
     run = setup(config, ctx)  # reference: transformers' own mean loss on the whole batch
+    run.model.eval()
     batch = collate(run.train_items[:8], run.pad_id)
     run.model(**model_inputs(batch, run.kind), labels=batch["labels"]).loss.backward()
     ref = torch.cat([p.grad.flatten() for g in run.optimizer.param_groups for p in g["params"]])
