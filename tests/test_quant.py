@@ -61,8 +61,12 @@ def test_quantize_swaps_every_linear_but_classification_heads_and_refuses_a_merg
 
     bert = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                                     intermediate_size=64, vocab_size=50))
-    quantize_int8(bert)
-    assert type(bert.classifier) is torch.nn.Linear and isinstance(bert.bert.pooler.dense, Int8Linear)
+    ids = torch.randint(0, 50, (2, 5))
+    with torch.no_grad():
+        dense_probs = bert.eval()(input_ids=ids).logits.softmax(-1)
+        quantize_int8(bert)
+        assert type(bert.classifier) is torch.nn.Linear and isinstance(bert.bert.pooler.dense, Int8Linear)
+        torch.testing.assert_close(bert(input_ids=ids).logits.softmax(-1), dense_probs, rtol=0, atol=0.02)
     merged = make_tiny("llama")
     inject(merged, LoraConfig(r=2, targets=["q_proj"]))
     merge(merged)
