@@ -70,6 +70,9 @@ class RowAdapters:
         tables, one_token = self.tables, x.numel() == x.shape[0] * x.shape[-1]
         if tables is None or layer not in tables.tables or not one_token or torch.is_grad_enabled():
             return None
+        groups = self.groups(x.shape[0])
+        if len(groups) == 1 and groups[0][1].numel() == x.shape[0]:
+            return None  # one adapter on every row: two plain matmuls read its A and B once (mixed_lora_delta)
         T, U = tables.tables[layer]
         key = (x.shape[0], x.shape[-1], T.shape[1])
         if key not in self._bags:  # once per step and layer shape, shared by the layers

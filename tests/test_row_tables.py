@@ -122,3 +122,12 @@ def test_a_name_without_a_slot_is_never_served_from_the_tables(counted):
     assert not counted
     for i, name in enumerate(["a", "b"]):
         torch.testing.assert_close(mixed[i:i + 1], _alone(model, name, TOKENS[i:i + 1]), **TOL)
+
+
+def test_one_adapter_on_every_row_takes_the_plain_matmuls(counted):
+    model = _model(SPECS)
+    tables = RowTables(slots=4)
+    tables.sync(model, ["a"])
+    mixed = _mixed(model, ["a"] * 3, tables, TOKENS[:3])
+    assert not counted
+    torch.testing.assert_close(mixed, _alone(model, "a", TOKENS[:3]), **TOL)
