@@ -6,10 +6,19 @@ p50/p99 latency. In the same run:
   (a) the same server, every request naming the bare base (the ceiling for mixed adapters)
   (b) PEFT, `set_adapter` per request, one request at a time
   (c) PEFT, `adapter_names` mixed batches of `concurrency` rows, static (a batch ends when its longest row does)
-  (d) llama.cpp through llama-cpp-python on the GGUF base, no adapter (skipped with a message if not installed)
+  (d) llama.cpp through llama-cpp-python on the GGUF base (Q4_1), no adapter, one request at a time, the same
+      prompts, token count, greedy decoding and thread count (skipped with a message if not installed:
+      pip install '.[bench]')
 
     python benchmarks/serve_load.py                     # SmolLM2, the full grid (the lead runs this, alone)
     python benchmarks/serve_load.py --quick             # a tiny random Llama, 2 cells: a smoke test
+    python benchmarks/serve_load.py --adapters 1 --concurrency 1 --no-peft --classify-model '' --weights int8
+                                                        # single stream, int8 base weights, vs llama.cpp
+    python benchmarks/serve_load.py --adapters 64 --concurrency 32 --no-peft --no-llama-cpp --rounds 3 \
+        --classify-model ''                             # the mixed-adapter ratio only, 3 alternating rounds
+
+Each round runs every concurrency's cells in turn; "ratio" lines give lorakit serve / the bare base at the same
+concurrency (tokens/s), the median over rounds.
 
 Only 127.0.0.1 is ever used. Every cell is bounded by --requests and --cell-seconds.
 """
@@ -163,21 +172,25 @@ def _peft(model_dir, root, names):
     return _PEFT_CACHE[key]
 
 
-def llama_cpp(texts, requests, max_tokens, limit_s) -> dict | str:
-    """(d) llama.cpp on the GGUF base, one request at a time, no adapter."""
+def llama_cpp(texts, requests, max_tokens, limit_s, threads: int) -> dict | str:
+    """(d) llama.cpp on the GGUF base file (found as lorakit.models finds it), no adapter, batch 1, greedy."""
     try:
         from llama_cpp import Llama
     except ImportError:
-        return "skipped: llama-cpp-python is not installed (pip install llama-cpp-python)"
+        note = "skipped: llama-cpp-python is not installed; pip install '.[bench]' installs it (compiles llama.cpp)"
+        print(f"(d) llama.cpp {note}", flush=True)
+        return note
     from lorakit.models import smollm2_gguf
 
-    llm = Llama(model_path=str(smollm2_gguf()), n_ctx=512, n_threads=torch.get_num_threads(), verbose=False)
+    llm = Llama(model_path=str(smollm2_gguf()), n_ctx=512, n_threads=threads, n_threads_batch=threads, n_batch=512,
+                verbose=False)
+    llm(texts[0], max_tokens=2, temperature=0)  # warm-up
     latencies, tokens, start = [], 0, time.perf_counter()
     for i in range(requests):
         if time.perf_counter() - start > limit_s:
             break
         t = time.perf_counter()
-        out = llm(texts[i % len(texts)], max_tokens=max_tokens, temperature=0)
+        out = llm(texts[i % len(texts)], max_tokens=max_tokens, temperature=0, top_k=1)  # greedy
         tokens += out["usage"]["completion_tokens"]
         latencies.append(time.perf_counter() - t)
     return summary(latencies, tokens, time.perf_counter() - start)
@@ -218,7 +231,12 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=64, help="requests per cell (bounded)")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--cell-seconds", type=float, default=120.0, help="stop issuing requests after this")
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--threads", type=int, default=2, help="torch threads, and llama.cpp's (default 2)")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="the server's --dtype")
+    ap.add_argument("--weights", default="dense", choices=["dense", "int8"], help="the server's --weights")
+    ap.add_argument("--rounds", type=int, default=1, help="repeat the server's cells, alternating (default 1)")
+    ap.add_argument("--no-peft", dest="peft", action="store_false", help="skip baselines (b) and (c)")
+    ap.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false", help="skip baseline (d)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--classify-model", default="minilm", help="encoder for the classify cell; '' = skip it")
     ap.add_argument("--classify-repeats", type=int, default=9)
@@ -239,6 +257,7 @@ def main() -> None:
         results.append(classify_mix_ratio(args.classify_model, 64, 64, 64 if not args.quick else 16,
                                           args.classify_repeats))
     print(table(results))
+    print(ratios(results))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 
@@ -253,30 +272,51 @@ def run_grid(args, work: Path) -> list[dict]:
     texts = prompts(256)
     srv = ThreadedServer(ServeConfig(model=mdir, adapters=str(root), port=free_port(),
                                      max_loaded=max(args.adapters), max_batch=max(args.concurrency),
-                                     max_queue=4096, prompt_cache=0))
+                                     max_queue=4096, prompt_cache=0, dtype=args.dtype, weights=args.weights))
+    tag = f" [{args.dtype}{', int8 weights' if args.weights == 'int8' else ''}]"
     rows: list[dict] = []
     bound = (args.requests, args.max_tokens, args.cell_seconds)
     try:
         base = srv.server.settings.base_id
         asyncio.run(drive(srv.url, names[:max(args.adapters)], texts, max(args.concurrency),
                           max(args.adapters), 2, 60))  # warm-up: every adapter loaded once
+        for r in range(args.rounds):
+            for c in args.concurrency:
+                order = [0] + args.adapters if r % 2 == 0 else args.adapters + [0]  # alternate who goes first
+                for n in order:
+                    setup = "(a) server, bare base" if n == 0 else "lorakit serve"
+                    rows.append({"setup": setup + tag, "adapters": n, "concurrency": c, "round": r,
+                                 **asyncio.run(drive(srv.url, names[:n] if n else [base], texts, c, *bound))})
+    finally:
+        srv.close()
+    if args.peft:
         for c in args.concurrency:
-            rows.append({"setup": "(a) server, bare base", "adapters": 0, "concurrency": c,
-                         **asyncio.run(drive(srv.url, [base], texts, c, *bound))})
             for n in args.adapters:
-                rows.append({"setup": "lorakit serve", "adapters": n, "concurrency": c,
-                             **asyncio.run(drive(srv.url, names[:n], texts, c, *bound))})
                 rows.append({"setup": "(c) PEFT adapter_names static batches", "adapters": n, "concurrency": c,
                              **peft_mixed_batches(mdir, root, names[:n], texts, c, *bound)})
         for n in args.adapters:
             rows.append({"setup": "(b) PEFT set_adapter per request", "adapters": n, "concurrency": 1,
                          **peft_set_adapter(mdir, root, names[:n], texts, *bound)})
-    finally:
-        srv.close()
-    d = llama_cpp(texts, *bound) if not args.quick else "skipped: --quick (tiny model has no GGUF)"
-    rows.append({"setup": "(d) llama.cpp, GGUF base", "adapters": 0, "concurrency": 1,
-                 **(d if isinstance(d, dict) else {"note": d})})
+    if args.llama_cpp:
+        d = llama_cpp(texts, *bound, args.threads) if not args.quick else "skipped: --quick (tiny model has no GGUF)"
+        rows.append({"setup": "(d) llama.cpp, GGUF base (Q4_1)", "adapters": 0, "concurrency": 1,
+                     **(d if isinstance(d, dict) else {"note": d})})
     return rows
+
+
+def ratios(rows: list[dict]) -> str:
+    """lorakit serve / the bare base (tokens/s) at the same concurrency, the median over rounds."""
+    out = []
+    for c in sorted({r["concurrency"] for r in rows if "round" in r}):
+        base = {r["round"]: r["tok_s"] for r in rows if r.get("round") is not None and r["concurrency"] == c
+                and r["adapters"] == 0}
+        for n in sorted({r["adapters"] for r in rows if "round" in r and r["adapters"]}):
+            each = [r["tok_s"] / base[r["round"]] for r in rows if r.get("round") is not None
+                    and r["concurrency"] == c and r["adapters"] == n and base.get(r["round"])]
+            if each:
+                out.append(f"ratio: {n} adapters / bare base at concurrency {c}: {statistics.median(each):.3f} "
+                           f"(rounds: {', '.join(f'{x:.3f}' for x in each)})")
+    return "\n".join(out)
 
 
 def table(rows: list[dict]) -> str:

@@ -172,8 +172,9 @@ def mixed_lora_delta(x: Tensor, groups: list[tuple[Tensor, Tensor, Tensor, float
         out[rows] = s * x[rows] @ A.T @ B.T   for each (rows, A, B, s) in groups; other rows get 0
     x: (batch, ..., in); rows: (n,) long row indices, disjoint across groups; returns (batch, ..., out).
 
-    Kernel, chosen by measurement (benchmarks/mixed_delta_kernels.py: SmolLM2 q_proj at decode, in = out = 576,
-    r = 8, one thread, median µs of 7×200 calls on the shared 2-core machine, two runs taken at load ~7):
+    Kernel, chosen by measurement (the first benchmarks/mixed_delta_kernels.py: SmolLM2 q_proj at decode, in = out
+    = 576, r = 8, one layer's adapters reused, so cache-resident; one thread, median µs of 7×200 calls on the
+    shared 2-core machine, two runs taken at load ~7):
         rows distinct | base x·Wᵀ | loop over groups | gather + bmm | concatenated ranks, masked
          8     1      |  234      |   96             |  383         |  154
          8     8      |  233      |  398             |  398         |  411
@@ -187,8 +188,13 @@ def mixed_lora_delta(x: Tensor, groups: list[tuple[Tensor, Tensor, Tensor, float
     loop wins again: MiniLM classify, 64 adapters × 64 rows × 64 tokens, measured 1.42× the base stacked and
     1.20× looped. So: stack when > 8 groups and its extra work, tokens·Σr·(in+out) at ~1e11 flop/s, stays
     under the loop's per-group overhead; else loop.
+    Re-measured with adapters out of cache, as in a real step (the script now), the stack lost to the loop at 32
+    rows × 32 adapters (3.97-4.57x vs 3.05-3.45x the bare layers' time); the server's decode steps read slot
+    tables instead (`table_lora_delta`), so this choice now matters for prompts and `per_row_adapters` only.
     """
     A0, B0 = groups[0][1], groups[0][2]
+    if len(groups) == 1 and groups[0][0].numel() == x.shape[0]:  # every row, one adapter (a single stream)
+        return F.linear(F.linear(x, A0), B0) * groups[0][3]
     tokens, ranks = x.numel() // x.shape[-1], sum(A.shape[0] for _, A, _, _ in groups)
     if len(groups) <= 8 or tokens * ranks * (A0.shape[1] + B0.shape[0]) >= 2.5e6 * len(groups):
         out = x.new_zeros(*x.shape[:-1], B0.shape[0])
@@ -206,3 +212,45 @@ def mixed_lora_delta(x: Tensor, groups: list[tuple[Tensor, Tensor, Tensor, float
     h = F.linear(x, A)  # (batch, ..., Σr)
     h = h * keep.view(keep.shape[0], *([1] * (x.dim() - 2)), keep.shape[1])
     return F.linear(h, B)
+
+
+def bag_indices(slots: Tensor, in_features: int, rank: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`embedding_bag` indices and offsets for `table_lora_delta`, rows with these slots: (idx_T, off_T, idx_U,
+    off_U), one bag of rows slot·in … slot·in + in-1 of T per row, then one of rows slot·R … slot·R + R-1 of U."""
+    idx_t = (slots[:, None] * in_features + torch.arange(in_features, device=slots.device)).reshape(-1)
+    idx_u = (slots[:, None] * rank + torch.arange(rank, device=slots.device)).reshape(-1)
+    n = torch.arange(slots.shape[0], device=slots.device)
+    return idx_t, n * in_features, idx_u, n * rank
+
+
+def table_lora_delta(x: Tensor, T: Tensor, U: Tensor, rows: Tensor | None, idx_t: Tensor, off_t: Tensor,
+                     idx_u: Tensor, off_u: Tensor) -> Tensor:
+    """The per-row LoRA delta at decode (one token per row), each row's factors read in place from slot tables
+    (lorakit/row_tables.py: T (slots·in, R) holds each slot's Aᵀ, U (slots·R, out) its s·Bᵀ).
+
+    Semantics (reference), rows i with a slot (`rows`, None = all; the bags from `bag_indices` of their slots):
+        out[i] = U[slot_i·R:(slot_i+1)·R]ᵀ · (T[slot_i·in:(slot_i+1)·in]ᵀ · x[i])  = s·B·A·x[i]; other rows 0
+    x: (batch, [1,] in) -> (batch, [1,] out), in T's dtype (fp32).
+
+    Kernel, chosen by measurement (benchmarks/mixed_delta_kernels.py: SmolLM2's q_proj and v_proj alternating over
+    60 layers, 64 adapters r=8 each, so adapters come from memory as in a real step; one thread on the shared,
+    busy 2-core machine; time of a pass of base x·Wᵀ + delta relative to x·Wᵀ alone, range of three runs):
+        rows distinct | mixed_lora_delta | loop      | gather + bmm | these tables
+         8     1      | 1.17-1.40        | 1.13-1.38 | 1.20-1.42    | 1.14-1.30
+         8     8      | 2.09-2.16        | 1.94-2.06 | 1.47-1.50    | 1.47-1.50
+        32     1      | 1.17-1.34        | 1.18-1.36 | 1.45-1.59    | 1.31-1.33
+        32     8      | 1.60-1.73        | 1.59-1.71 | 1.54-1.74    | 1.36-1.42
+        32    32      | 3.97-4.57        | 3.05-3.45 | 1.59-1.88    | 1.45-1.71
+    The tables win or tie except for one adapter on every row, where two plain matmuls read A and B once
+    (`mixed_lora_delta` takes that case: 8.6 vs 14.9 µs at 1 row, 22.8 vs 40.1 µs at 32, cache-resident); the
+    gathers of the bmm path copy every row's factors in every layer. On whole SmolLM2 decode steps (32 rows under
+    32 distinct adapters vs the same rows on the bare base, alternating in one process) the mixed steps took 1.36x
+    the base's with mixed_lora_delta and 1.05x with the tables.
+    """
+    x2 = x.reshape(x.shape[0], -1).to(T.dtype)  # (batch, in)
+    xs = x2 if rows is None else x2.index_select(0, rows)
+    h = F.embedding_bag(idx_t, T, off_t, mode="sum", per_sample_weights=xs.reshape(-1))  # (n, R)
+    d = F.embedding_bag(idx_u, U, off_u, mode="sum", per_sample_weights=h.reshape(-1))  # (n, out)
+    if rows is not None:
+        d = d.new_zeros(x2.shape[0], U.shape[1]).index_copy_(0, rows, d)
+    return d.view(*x.shape[:-1], U.shape[1])

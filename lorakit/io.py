@@ -305,7 +305,9 @@ def _check_like(src: Path, key: str, t: Tensor, ref: Tensor) -> Tensor:
 
 
 def _check_finite_as(src: Path, key: str, t: Tensor, dtype: torch.dtype) -> None:
-    # 1e5 is finite in the file's fp32 but inf in an fp16 model: check the values the model will compute with.
+    # 1e5 is finite in the file's fp32 but inf in an fp16 model: check the values the model will compute with
+    # (fp32 beside an int8 base, lorakit.quant: a cast to int8 would hide a NaN).
+    dtype = dtype if dtype.is_floating_point else torch.float32
     if t.is_floating_point() and not bool(torch.isfinite(t.to(dtype)).all()):
         raise AdapterFileError(f"{src}: {PREFIX}{key}: values overflow to Inf in the model's {dtype} (largest "
                                f"magnitude {float(t.abs().max()):.3g}); the adapter does not fit this model's dtype")

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import LoraConfigError, LoraStateError
-from .functional import lora_linear, mixed_lora_delta
+from .functional import lora_linear, mixed_lora_delta, table_lora_delta
 from .rows import RowAdapters, current_rows
 
 _DOT = "%2E"  # not in [A-Za-z0-9._-], so the mapping is one to one
@@ -49,12 +49,9 @@ class LoraModule(nn.Module):
         self.base_layer = base_layer
         setattr(self, self.a_name, nn.ParameterDict())
         setattr(self, self.b_name, nn.ParameterDict())
-        self.r: dict[str, int] = {}
-        self.alpha: dict[str, float] = {}
-        self.scale: dict[str, float] = {}
-        self.dropout: dict[str, float] = {}
-        self.active: list[str] = []
-        self.merged: list[str] = []
+        # Per adapter name: r (int), alpha, scale, dropout (float); the active and the merged names, in order.
+        self.r, self.alpha, self.scale, self.dropout = {}, {}, {}, {}
+        self.active, self.merged = [], []
         self.disabled = False
         self._unmerged: tuple[nn.Parameter, ...] = ()  # while merged: the original weight Parameter
 
@@ -166,6 +163,8 @@ class LoraModule(nn.Module):
         todo = [n for n in self.active if n not in self.merged]
         if not todo:
             return
+        if not self.base_weight().is_floating_point():
+            raise LoraStateError("an int8 base layer (lorakit.quant) cannot take a merged adapter; serve it unmerged")
         if not self._unmerged:
             self._unmerged = (self.base_layer.weight,)
         w0 = self._unmerged[0]
@@ -186,15 +185,13 @@ class LoraModule(nn.Module):
         # .to(device / dtype) while merged also moves the kept original weight.
         super()._apply(fn, recurse)
         if self._unmerged:
-            w0 = self._unmerged[0]
             with torch.no_grad():
-                w0.data = fn(w0.data)
+                self._unmerged[0].data = fn(self._unmerged[0].data)
         return self
 
     def _check_not_training_merged(self) -> None:
-        if self.merged and self.training and torch.is_grad_enabled() and any(
-            p.requires_grad for n in self.merged for p in self.adapter_params(n)
-        ):
+        if self.merged and self.training and torch.is_grad_enabled() and any(p.requires_grad for n in self.merged
+                                                                              for p in self.adapter_params(n)):
             raise LoraStateError(f"adapters {self.merged} are merged into the base weights, so training them "
                                  "would update nothing; call unmerge(model) before training")
 
@@ -237,11 +234,10 @@ class LoraLinear(LoraModule):
     """
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
-        w = base_layer.weight
-        self_out, self_in = (w.shape[1], w.shape[0]) if fan_in_fan_out else w.shape
         super().__init__(base_layer)
+        shape = base_layer.weight.shape
         self.fan_in_fan_out = fan_in_fan_out
-        self.out_features, self.in_features = self_out, self_in
+        self.out_features, self.in_features = (shape[1], shape[0]) if fan_in_fan_out else shape
 
     def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (r, self.in_features), (self.out_features, r)
@@ -264,7 +260,7 @@ class LoraLinear(LoraModule):
             return self.base_layer(x)
         bias = self.base_layer.bias
         drops = {self.dropout[n] for n in self.active}
-        if len(drops) == 1:
+        if len(drops) == 1 and self.weight_out_in().is_floating_point():  # not on an int8 base (lorakit.quant)
             A, B, s = self._stacked_factors()
             return lora_linear(x, self.weight_out_in(), bias, A, B, s, drops.pop(), self.training)
         out = self.base_layer(x)
@@ -276,13 +272,17 @@ class LoraLinear(LoraModule):
 
     def _forward_rows(self, x: Tensor, rows: RowAdapters) -> Tensor:
         # One batch, one adapter per row: base for all rows + each adapter's delta on its rows only:
-        # out[rows_k] += s_k·x[rows_k]·A_kᵀ·B_kᵀ, per adapter present (functional.mixed_lora_delta).
+        # out[rows_k] += s_k·x[rows_k]·A_kᵀ·B_kᵀ, per adapter present, computed in fp32 on a 16-bit or int8 base
+        # and added in it (as PEFT). At decode with slot tables the factors are read in place (row_tables.py);
+        # otherwise functional.mixed_lora_delta chooses its kernel (loop or stacked ranks).
         groups = self._row_groups(rows, x.shape[0])
         out = self.base_layer(x)
         if not groups:
             return out
-        factors = [(idx, *(t.to(x.dtype) for t in self.dense_factors(n)), self.scale[n]) for n, idx in groups]
-        return out + mixed_lora_delta(x, factors)  # the kernel (loop or stacked ranks) is chosen there
+        table, dt = rows.table(self, x), torch.promote_types(x.dtype, torch.float32)
+        delta = table_lora_delta(x, *table) if table is not None else mixed_lora_delta(
+            x.to(dt), [(idx, *(t.to(dt) for t in self.dense_factors(n)), self.scale[n]) for n, idx in groups])
+        return (out.to(delta.dtype) + delta).to(out.dtype)
 
     def _stacked_factors(self) -> tuple[Tensor, Tensor, float]:
         # Several active adapters: Σ sᵢ·Bᵢ·Aᵢ = [s₁B₁ … sₖBₖ]·[A₁; …; Aₖ], one rank-Σr update.

@@ -16,11 +16,16 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from .errors import LoraConfigError, LoraStateError
+from .functional import bag_indices
+
+if TYPE_CHECKING:
+    from .row_tables import RowTables
 
 
 @dataclass(frozen=True)
@@ -29,12 +34,15 @@ class RowAdapters:
 
     expand: accept a batch that is k·len(ids) rows, row j using ids[j // k] — what `generate` makes of a
     batch with `num_beams` or `num_return_sequences` k (it repeats each row k times, in place).
+    tables: slot tables holding every named adapter's factors (row_tables.py), for the decode kernel.
     """
 
     names: tuple[str, ...]
     ids: Tensor  # (batch,) long
     expand: bool = False
+    tables: RowTables | None = None
     _groups: dict[int, list[tuple[str, Tensor]]] = field(default_factory=dict, compare=False, repr=False)
+    _bags: dict[tuple[int, int, int], tuple | None] = field(default_factory=dict, compare=False, repr=False)
 
     def ids_for(self, batch: int) -> Tensor:
         """The (batch,) ids for a forward of `batch` rows; LoraStateError if they do not fit."""
@@ -56,6 +64,26 @@ class RowAdapters:
                                    if (rows := (ids == k).nonzero(as_tuple=True)[0]).numel()]
         return self._groups[batch]
 
+    def table(self, layer, x: Tensor) -> tuple | None:
+        """`layer`'s (T, U, rows, bags...) for `functional.table_lora_delta` when slot tables hold it and every
+        named adapter, x is one token per row and no gradient is wanted; else None (the other kernels)."""
+        tables, one_token = self.tables, x.numel() == x.shape[0] * x.shape[-1]
+        if tables is None or layer not in tables.tables or not one_token or torch.is_grad_enabled():
+            return None
+        groups = self.groups(x.shape[0])
+        if len(groups) == 1 and groups[0][1].numel() == x.shape[0]:
+            return None  # one adapter on every row: two plain matmuls read its A and B once (mixed_lora_delta)
+        T, U = tables.tables[layer]
+        key = (x.shape[0], x.shape[-1], T.shape[1])
+        if key not in self._bags:  # once per step and layer shape, shared by the layers
+            self._bags[key] = None
+            if all(n in tables.slot for n in self.names):
+                slot = torch.tensor([tables.slot[n] for n in self.names] + [-1], device=x.device)
+                slot = slot[self.ids_for(key[0])]  # (batch,), -1 for base rows
+                rows = (slot >= 0).nonzero(as_tuple=True)[0]
+                self._bags[key] = (None if rows.numel() == key[0] else rows, *bag_indices(slot[rows], *key[1:]))
+        return None if self._bags[key] is None else (T, U, *self._bags[key])
+
 
 _ROWS: ContextVar[RowAdapters | None] = ContextVar("lorakit_row_adapters", default=None)
 
@@ -66,16 +94,19 @@ def current_rows() -> RowAdapters | None:
 
 
 @contextmanager
-def adapter_rows(names: Sequence[str], ids: Tensor | Sequence[int], expand: bool = False) -> Iterator[RowAdapters]:
+def adapter_rows(names: Sequence[str], ids: Tensor | Sequence[int], expand: bool = False,
+                 tables: RowTables | None = None) -> Iterator[RowAdapters]:
     """Inside the block, forwards in this thread use adapter `names[ids[i]]` for row i (-1 = the base).
 
     The low-level form for a server engine: it checks only the ids, not the model (see `per_row_adapters`).
+    `tables`, synced with these names between forwards (`RowTables.sync`), let decode steps read each row's
+    factors in place.
     """
     ids = torch.as_tensor(ids, dtype=torch.long)
     if ids.dim() != 1 or (ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= len(names))):
         raise LoraConfigError(f"adapter ids {ids.tolist()}: expected a 1-d list of values in [-1, {len(names)}) "
                               f"indexing names {list(names)} (-1 = the base model)")
-    token = _ROWS.set(RowAdapters(tuple(names), ids, expand))
+    token = _ROWS.set(RowAdapters(tuple(names), ids, expand, tables))
     try:
         yield _ROWS.get()
     finally:

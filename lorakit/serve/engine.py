@@ -5,11 +5,13 @@ has validated, evict beyond the LRU size, admit waiting requests (prefill them t
 from the prompt cache), then run ONE decode step for every running row whatever its adapter (a row naming
 the base gets no delta). A finished or cancelled row leaves the batch right after the step that ended it.
 The model is never changed while a forward runs: structural changes happen here, between steps, under
-`structure_lock` (which the loader also takes to read the module layout).
+`structure_lock` (which the loader also takes to read the module layout); so do the writes into the decode
+steps' slot tables (lorakit/row_tables.py), which forwards only read.
 """
 
 from __future__ import annotations
 
+import inspect
 import queue
 import threading
 import time
@@ -18,24 +20,25 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from lorakit.row_tables import RowTables
 from lorakit.rows import adapter_rows
 
+from .encode import encode, no_head
 from .jobs import Job, Seq
-from .kv import GrowingCache, KVBatch, PromptCache, empty_batch, left_pad, stack_right
+from .kv import GrowingCache, KVBatch, PromptCache, empty_batch, left_pad
 from .metrics import Metrics
 from .registry import AdapterRegistry
 from .sampling import next_token
 from .schemas import ServeError
 
 
-def _rows(names: list[str | None]):
+def _rows(names: list[str | None], tables: RowTables | None = None):
     """The per-row adapter choice for one forward (None = the base), through lorakit's context variable:
     only this thread's forwards see it, and nothing is written on the model."""
     known = list(dict.fromkeys(n for n in names if n is not None))
-    return adapter_rows(known, [known.index(n) if n is not None else -1 for n in names])
+    return adapter_rows(known, [known.index(n) if n is not None else -1 for n in names], tables=tables)
 
 
 class Engine:
@@ -49,12 +52,16 @@ class Engine:
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self.prompt_cache = PromptCache(prompt_cache)
+        self.tables = RowTables(max_batch)  # the running adapters' factors for decode steps (lorakit.row_tables)
+        # Prefill needs the last position's logits only: the LM head over every prompt token would be wasted work.
+        self.last_logits = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters \
+            else {}
         self.structure_lock = threading.Lock()
         self.inbox: queue.Queue = queue.Queue()
         self.pending: list[Job] = []
         self.running: list[Seq] = []
         self.batch = empty_batch()
-        self.loading: dict[str, Future] = {}
+        self.loading: dict[str, Future] = {}  # adapter name -> its validation on the loader threads
         self.loader = ThreadPoolExecutor(2, thread_name_prefix="lorakit-loader")
         self.outstanding, self.draining, self._stop = 0, False, False
         self._count_lock = threading.Lock()
@@ -187,6 +194,7 @@ class Engine:
                 planned = fut.result()
                 with self.structure_lock:
                     self.registry.install(self.model, planned)
+                self.tables.drop(name)  # a slot holding an earlier file under this name must not be reused
                 self.metrics.loads.inc()
                 self.metrics.loaded.set(len(self.registry.loaded))
             except Exception as e:  # noqa: BLE001 - any failure fails the requests that named it, nothing else
@@ -211,6 +219,7 @@ class Engine:
         with self.structure_lock:
             freed = self.registry.unload(self.model, name)
         self.prompt_cache.drop_adapter(name)
+        self.tables.drop(name)
         self.metrics.unloaded_bytes.inc(freed)
         self.metrics.loaded.set(len(self.registry.loaded))
         return freed
@@ -279,7 +288,7 @@ class Engine:
             ids, mask, pos = left_pad([seqs[i].job.prompt for i in misses], self.pad_id)
             with _rows([seqs[i].adapter for i in misses]):
                 out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                                 past_key_values=GrowingCache(), use_cache=True)
+                                 past_key_values=GrowingCache(), use_cache=True, **self.last_logits)
             fresh = KVBatch(out.past_key_values, mask, [len(seqs[i].job.prompt) for i in misses])
             for row, i in enumerate(misses):
                 parts[i] = (fresh, row, out.logits[row, -1])
@@ -333,16 +342,16 @@ class Engine:
     def _step(self) -> None:
         live = [i for i, s in enumerate(self.running) if not s.job.cancelled.is_set()]
         if len(live) < len(self.running):
-            for s in self.running:
-                if s.job.cancelled.is_set():
-                    self._close(s.job)
+            for s in [s for s in self.running if s.job.cancelled.is_set()]:
+                self._close(s.job)
             self._keep(live)
             if not self.running:
                 return
         names = [s.adapter for s in self.running]
+        tables = self.tables if self.tables.sync(self.model, names) else None  # between forwards: may copy factors
         mask, pos = self.batch.step_inputs()
         ids = torch.tensor([[s.last] for s in self.running], dtype=torch.long)
-        with _rows(names):
+        with _rows(names, tables):
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
                                 past_key_values=self.batch.cache, use_cache=True).logits[:, -1]
         self.batch.stepped(mask)
@@ -369,35 +378,22 @@ class Engine:
         self.metrics.running.set(len(self.running))
 
     # -- embeddings and classification -------------------------------------------------------------------
-    @torch.inference_mode()
     def _encode(self, jobs: list[Job]) -> None:
-        """One forward for every input of these embeddings (or classify) jobs, each row under its job's adapter;
-        the inputs are right-padded to the widest job."""
-        headless = [j for j in jobs if j.kind == "classify" and not self.registry.heads.get(j.adapter)]
-        for job in headless:
-            self._close(job, ServeError(400, f"adapter {job.adapter!r} has no classification head (its file has no "
-                                             "modules_to_save such as 'classifier'); use /v1/embeddings, or an "
-                                             "adapter trained for classification", param="model", code="wrong_task"))
-        jobs = [j for j in jobs if j not in headless]
+        """One forward for every input of these embeddings (or classify) jobs (encode.py)."""
+        for job in [j for j in jobs if j.kind == "classify" and not self.registry.heads.get(j.adapter)]:
+            jobs.remove(job)
+            self._close(job, no_head(job.adapter))
         if not jobs:
             return
         try:
-            inputs, sizes = stack_right([j.inputs for j in jobs], self.pad_id)
-            names = [j.adapter for j, n in zip(jobs, sizes, strict=True) for _ in range(n)]
-            self.metrics.batch_size.observe(len(names))
-            self.metrics.batch_adapters.observe(len(set(names)))
-            with _rows(names):
-                if jobs[0].kind == "embed":
-                    hidden = self.model.base_model(**inputs).last_hidden_state  # (rows, seq, hidden)
-                    m = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                    result = (hidden * m).sum(1) / m.sum(1).clamp(min=1)  # mean over real tokens
-                else:
-                    result = F.softmax(self.model(**inputs).logits.float(), -1)
+            names, results = encode(self.model, jobs, self.pad_id, _rows)
         except Exception as e:  # noqa: BLE001 - fail these jobs, keep serving
             for job in jobs:
                 self._close(job, ServeError(500, f"{job.kind} failed: {type(e).__name__}: {e}", type="server_error"))
             return
-        for job, part in zip(jobs, result.float().split(sizes), strict=True):
+        self.metrics.batch_size.observe(len(names))
+        self.metrics.batch_adapters.observe(len(set(names)))
+        for job, part in zip(jobs, results, strict=True):
             self.metrics.prompt_tokens.labels(job.label).inc(int(job.inputs["attention_mask"].sum()))
             job.emit("result", part)
             self._close(job)

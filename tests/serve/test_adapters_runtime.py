@@ -1,5 +1,6 @@
-"""Adapters at run time: vLLM's load/unload bodies, unload frees the tensors (measured), LRU eviction, a slow
-load never stalls other adapters, a client that disconnects mid-stream cancels, SIGTERM drains."""
+"""Adapters at run time: vLLM's load/unload bodies, unload frees the tensors (measured), LRU eviction, a name
+reloaded from another file serves that file, a slow load never stalls other adapters, a client that disconnects
+mid-stream cancels, SIGTERM drains."""
 
 import json
 import os
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -17,7 +19,7 @@ import pytest
 from safetensors import safe_open
 
 from lorakit.serve.server import free_port
-from tests.serve.conftest import start
+from tests.serve.conftest import peft_greedy, start
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +77,35 @@ def test_lru_evicts_beyond_max_loaded(srv):
     assert list(registry.loaded) == ["a2", "a0"]  # a1 was least recently used
     text = httpx.get(f"{srv.root}/metrics").text
     assert "lorakit_adapter_evictions_total" in text and "lorakit_adapter_evictions_total 0.0" not in text
+
+
+def test_a_name_loaded_again_from_another_file_serves_that_file_in_mixed_batches(srv, llama_dir, llama_adapters):
+    """Decode steps read adapters from slot tables: unload and install must drop the old file's slot."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(llama_dir)
+    prompt = "name : The Eagle | food : Chinese"
+    shutil.copytree(llama_adapters / "a5", srv.adapters_root / "spare" / "a5")
+    client = openai.OpenAI(base_url=srv.url, api_key="x", timeout=30, max_retries=0)
+
+    def mixed():  # "y" beside another adapter, concurrently: rows of two adapters share decode steps
+        with ThreadPoolExecutor(3) as pool:
+            texts = list(pool.map(lambda m: client.completions.create(model=m, prompt=prompt, max_tokens=8,
+                                                                       temperature=0).choices[0].text,
+                                  ["y", "a0", "y"]))
+        assert texts[0] == texts[2]
+        return texts[0]
+
+    for spare in ("a4", "a5"):
+        r = httpx.post(f"{srv.url}/load_lora_adapter", json={"lora_name": "y", "lora_path": f"spare/{spare}"},
+                       timeout=30)
+        assert r.status_code == 200, r.text
+        want = tok.decode(peft_greedy(llama_dir, llama_adapters / spare, [tok(prompt)["input_ids"]], 8)[0],
+                          skip_special_tokens=True)
+        assert mixed() == want
+        assert "y" in srv.server.engine.tables.slot  # the steps held "y" in the tables
+        assert httpx.post(f"{srv.url}/unload_lora_adapter", json={"lora_name": "y"}, timeout=30).status_code == 200
+        assert "y" not in srv.server.engine.tables.slot
 
 
 def test_a_slow_load_does_not_stall_other_adapters(srv):
