@@ -123,3 +123,16 @@ def assert_unchanged(before: dict, model) -> None:
                 assert torch.equal(v, after[key][k]) and v.dtype == after[key][k].dtype, k
         else:
             assert before[key] == after[key], key
+
+
+def logits_alone(model, name, ids):
+    """Logits of `ids` under one adapter set model-wide (set_adapter), or none (name None): the plain layer path,
+    the reference that per-row forwards are checked against."""
+    from lorakit import disabled, set_adapter
+
+    with torch.no_grad():
+        if name is None:
+            with disabled(model):
+                return model(input_ids=ids).logits
+        set_adapter(model, name)
+        return model(input_ids=ids).logits

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import lorakit.layers
-from lorakit import LoraConfig, adapter_rows, delete_adapter, disabled, inject, set_adapter
+from lorakit import LoraConfig, adapter_rows, delete_adapter, inject, set_adapter
 from lorakit.row_tables import RowTables
-from tests.conftest import make_tiny, randomize_adapters
+from tests.conftest import logits_alone, make_tiny, randomize_adapters
 
 TOL = dict(rtol=1e-5, atol=1e-5)  # fp32: the same products summed in another order
 TOKENS = torch.tensor([[5], [17], [42], [8], [9], [71]])  # one token per row: a decode step's shape
@@ -24,15 +24,6 @@ def _model(specs):
 
 
 SPECS = {"a": (4, ["q_proj", "v_proj"]), "b": (2, ["v_proj", "o_proj", "down_proj"]), "c.1": (6, ["q_proj"])}
-
-
-def _alone(model, name, ids):
-    with torch.no_grad():
-        if name is None:
-            with disabled(model):
-                return model(input_ids=ids).logits
-        set_adapter(model, name)
-        return model(input_ids=ids).logits
 
 
 def _mixed(model, names, tables, ids=TOKENS):
@@ -62,7 +53,7 @@ def test_decode_step_from_the_tables_equals_each_row_alone_and_writes_nothing(co
     assert all(torch.equal(T, slots_before[m][0]) and torch.equal(U, slots_before[m][1])
                for m, (T, U) in tables.tables.items())
     for i, name in enumerate(names):
-        torch.testing.assert_close(mixed[i:i + 1], _alone(model, name, TOKENS[i:i + 1]), **TOL)
+        torch.testing.assert_close(mixed[i:i + 1], logits_alone(model, name, TOKENS[i:i + 1]), **TOL)
 
 
 def test_prompts_and_gradients_never_read_the_tables(counted):
@@ -73,7 +64,7 @@ def test_prompts_and_gradients_never_read_the_tables(counted):
     mixed = _mixed(model, ["a", "b"], tables, prompt)  # 3 tokens per row: the other kernels
     assert not counted
     for i, name in enumerate(["a", "b"]):
-        torch.testing.assert_close(mixed[i:i + 1], _alone(model, name, prompt[i:i + 1]), **TOL)
+        torch.testing.assert_close(mixed[i:i + 1], logits_alone(model, name, prompt[i:i + 1]), **TOL)
     set_adapter(model, "a")  # trainable
     with adapter_rows(["a"], [0, 0], tables=tables):
         model(input_ids=TOKENS[:2]).logits.sum().backward()  # grad enabled: the layers' own path
@@ -93,7 +84,7 @@ def test_a_reloaded_adapter_is_read_from_its_new_file_after_drop():
     assert tables.sync(model, names)
     mixed = _mixed(model, names, tables, TOKENS[:3])
     for i, name in enumerate(names):
-        torch.testing.assert_close(mixed[i:i + 1], _alone(model, name, TOKENS[i:i + 1]), **TOL)
+        torch.testing.assert_close(mixed[i:i + 1], logits_alone(model, name, TOKENS[i:i + 1]), **TOL)
 
 
 def test_slots_are_reused_ranks_grow_and_too_many_adapters_fall_back(counted):
@@ -104,14 +95,14 @@ def test_slots_are_reused_ranks_grow_and_too_many_adapters_fall_back(counted):
         assert len(tables.slot) <= 2
         mixed = _mixed(model, names, tables, TOKENS[:2])
         for i, name in enumerate(names):
-            torch.testing.assert_close(mixed[i:i + 1], _alone(model, name, TOKENS[i:i + 1]), **TOL)
+            torch.testing.assert_close(mixed[i:i + 1], logits_alone(model, name, TOKENS[i:i + 1]), **TOL)
     counted.clear()
     names = ["r1", "r5", "r2"]
     assert not tables.sync(model, names)  # three adapters, two slots: no tables for this step
     mixed = _mixed(model, names, None, TOKENS[:3])
     assert not counted
     for i, name in enumerate(names):
-        torch.testing.assert_close(mixed[i:i + 1], _alone(model, name, TOKENS[i:i + 1]), **TOL)
+        torch.testing.assert_close(mixed[i:i + 1], logits_alone(model, name, TOKENS[i:i + 1]), **TOL)
 
 
 def test_a_name_without_a_slot_is_never_served_from_the_tables(counted):
@@ -121,7 +112,7 @@ def test_a_name_without_a_slot_is_never_served_from_the_tables(counted):
     mixed = _mixed(model, ["a", "b"], tables, TOKENS[:2])  # "b" was not synced: the tables are not used at all
     assert not counted
     for i, name in enumerate(["a", "b"]):
-        torch.testing.assert_close(mixed[i:i + 1], _alone(model, name, TOKENS[i:i + 1]), **TOL)
+        torch.testing.assert_close(mixed[i:i + 1], logits_alone(model, name, TOKENS[i:i + 1]), **TOL)
 
 
 def test_one_adapter_on_every_row_takes_the_plain_matmuls(counted):
@@ -130,4 +121,4 @@ def test_one_adapter_on_every_row_takes_the_plain_matmuls(counted):
     tables.sync(model, ["a"])
     mixed = _mixed(model, ["a"] * 3, tables, TOKENS[:3])
     assert not counted
-    torch.testing.assert_close(mixed, _alone(model, "a", TOKENS[:3]), **TOL)
+    torch.testing.assert_close(mixed, logits_alone(model, "a", TOKENS[:3]), **TOL)

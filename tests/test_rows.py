@@ -5,9 +5,9 @@ import threading
 import pytest
 import torch
 
-from lorakit import LoraConfig, LoraStateError, adapter_rows, disabled, inject, per_row_adapters, set_adapter
+from lorakit import LoraConfig, LoraStateError, adapter_rows, inject, per_row_adapters, set_adapter
 from lorakit.errors import LoraConfigError
-from tests.conftest import make_tiny, randomize_adapters
+from tests.conftest import logits_alone, make_tiny, randomize_adapters
 
 IDS = torch.tensor([[5, 17, 42, 8, 9], [3, 3, 71, 20, 1], [60, 2, 14, 15, 90]])
 
@@ -21,15 +21,6 @@ def _two_adapter_llama(dropout=0.0):
     return model
 
 
-def _alone(model, name, ids):
-    with torch.no_grad():
-        if name is None:
-            with disabled(model):
-                return model(input_ids=ids).logits
-        set_adapter(model, name)
-        return model(input_ids=ids).logits
-
-
 def test_rows_equal_each_adapter_alone_and_nothing_is_written_on_the_layers():
     model = _two_adapter_llama()
     names = ["b", None, "a"]
@@ -38,10 +29,10 @@ def test_rows_equal_each_adapter_alone_and_nothing_is_written_on_the_layers():
         mixed = model(input_ids=IDS).logits
     assert {n: dict(vars(m)) for n, m in model.named_modules()} == before
     for i, name in enumerate(names):
-        torch.testing.assert_close(mixed[i:i + 1], _alone(model, name, IDS[i:i + 1]), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mixed[i:i + 1], logits_alone(model, name, IDS[i:i + 1]), rtol=1e-5, atol=1e-5)
 
 
-def test_many_distinct_adapters_take_the_stacked_kernel_and_equal_each_alone():
+def test_many_distinct_adapters_take_the_stacked_kernel_and_equal_eachlogits_alone():
     # > 8 distinct adapters in one batch switch the layer to the stacked-ranks kernel: still row i == alone.
     model = make_tiny("llama")
     names = [f"t{k}" for k in range(10)]
@@ -53,7 +44,7 @@ def test_many_distinct_adapters_take_the_stacked_kernel_and_equal_each_alone():
     with torch.no_grad(), per_row_adapters(model, rows):
         mixed = model(input_ids=ids).logits
     for i, name in enumerate(rows):
-        torch.testing.assert_close(mixed[i:i + 1], _alone(model, name, ids[i:i + 1]), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mixed[i:i + 1], logits_alone(model, name, ids[i:i + 1]), rtol=1e-5, atol=1e-5)
 
 
 def test_low_level_ids_form_and_its_checks():
@@ -61,7 +52,7 @@ def test_low_level_ids_form_and_its_checks():
     with torch.no_grad(), adapter_rows(["a", "b"], torch.tensor([1, -1, 0])):
         mixed = model(input_ids=IDS).logits
     for i, name in enumerate(["b", None, "a"]):
-        torch.testing.assert_close(mixed[i:i + 1], _alone(model, name, IDS[i:i + 1]), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mixed[i:i + 1], logits_alone(model, name, IDS[i:i + 1]), rtol=1e-5, atol=1e-5)
     with pytest.raises(LoraConfigError, match=r"adapter ids \[0, 2\]: expected .* \[-1, 2\)"):
         with adapter_rows(["a", "b"], [0, 2]):
             pass
@@ -103,7 +94,7 @@ def test_training_mode_with_dropout_is_refused_and_gradients_are_right_without()
 
 def test_two_threads_with_different_adapters_never_mix():
     model = _two_adapter_llama()
-    expect = {name: _alone(model, name, IDS) for name in ("a", "b")}
+    expect = {name: logits_alone(model, name, IDS) for name in ("a", "b")}
     barrier, results, errors = threading.Barrier(2), {}, []
 
     def worker(name):
