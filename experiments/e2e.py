@@ -41,21 +41,24 @@ def _note(args) -> str:
     return f"\n{e2e_table.describe(args)}; run directories: {args.runs}.{shared}\n"
 
 
-def run_methods(out: Path, quick: bool, model: str | None, seeds: int | None, log: Callable) -> list[Path]:
+def _view(out: Path, quick: bool, model: str | None, seeds: int | None, log: Callable, rows: dict,
+          title: str) -> tuple[dict, str]:
+    """Run the table rows `rows` that are missing; (all results, the view's markdown: title, table, note)."""
     args = table_args(out, quick, model, seeds, log)
-    results = e2e_table.run_rows(args, METHOD_ROWS)
+    results = e2e_table.run_rows(args, rows)
     out.mkdir(parents=True, exist_ok=True)
-    text = ("# E2E on SmolLM2: LoRA vs adapters and prefixes (test set)\n\n"
-            + e2e_table.table(results, METHOD_ROWS) + "\n" + _note(args))
+    return results, f"# {title}\n\n" + e2e_table.table(results, rows) + "\n" + _note(args)
+
+
+def run_methods(out: Path, quick: bool, model: str | None, seeds: int | None, log: Callable) -> list[Path]:
+    _, text = _view(out, quick, model, seeds, log, METHOD_ROWS,
+                    "E2E on SmolLM2: LoRA vs adapters and prefixes (test set)")
     return [write_text(out / "e2e_methods.md", text, quick)]
 
 
 def run_rank(out: Path, quick: bool, model: str | None, seeds: int | None, log: Callable) -> list[Path]:
-    args = table_args(out, quick, model, seeds, log)
-    results = e2e_table.run_rows(args, RANK_ROWS)
-    out.mkdir(parents=True, exist_ok=True)
-    text = ("# rank on E2E (SmolLM2, LoRA on q, v, alpha 8; test set)\n\n"
-            + e2e_table.table(results, RANK_ROWS) + "\n" + _note(args))
+    results, text = _view(out, quick, model, seeds, log, RANK_ROWS,
+                          "rank on E2E (SmolLM2, LoRA on q, v, alpha 8; test set)")
     points = [(r, [100 * results[name]["scores"]["BLEU"]]) for name, r in RANK_ROWS.items()]
     figure = plot_lines({"BLEU": points}, out / "rank_e2e.png", "E2E test BLEU vs rank (q, v)", "rank r", "BLEU",
                         log_base=2)
