@@ -115,6 +115,23 @@ def test_inference_paths_equal_dense_and_never_enter_autograd(rows, mode, monkey
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["transposed_x", "no_bias", "autocast_bf16"])
+def test_few_row_inference_path_equals_dense_for_any_layout(layout):
+    # The decode path adds s·(x·Aᵀ)·Bᵀ in place into x·Wᵀ + b with one addmm: check it against the dense
+    # formula for an input that is not contiguous, no bias, and under bf16 autocast (W cast by autocast).
+    x, W, b, A, B = _tensors(seed=8, n=3, seq=2)
+    if layout == "transposed_x":
+        x = x.transpose(0, 1).contiguous().transpose(0, 1)
+    if layout == "no_bias":
+        b = None
+    ref = F.linear(x, W + 0.5 * B @ A, b)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=layout == "autocast_bf16"):
+        out = lora_linear(x, W, b, A, B, 0.5)
+    tol = dict(rtol=3e-2, atol=1e-1) if layout == "autocast_bf16" else dict(rtol=1e-5, atol=1e-5)
+    assert out.dtype == (torch.bfloat16 if layout == "autocast_bf16" else torch.float32)
+    torch.testing.assert_close(out.float(), ref, **tol)
+
+
 @pytest.mark.parametrize("rows", [2, 64])
 def test_lean_path_few_and_many_rows_equal_dense_with_grads(rows):
     x, W, b, A, B = _tensors(seed=7, n=rows, seq=1)
