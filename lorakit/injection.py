@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from .config import LoraConfig, matches
+from .embedding_conv import LoraConv, LoraEmbedding
 from .errors import AdapterNotFound, LoraConfigError, LoraStateError
-from .layers import LoraConv, LoraEmbedding, LoraLinear, LoraModule, LoraSlicedLinear
+from .layers import LoraLinear, LoraModule, LoraSlicedLinear
 from .quant import Int8Linear
 from .saved import SavedModule
 from .transaction import all_or_nothing
