@@ -178,12 +178,16 @@ class _LeanLoraLinear(torch.autograd.Function):
         return grad_x, None, grad_b, grad_A, grad_B, None, None
 
 
-def mixed_lora_delta(x: Tensor, groups: list[tuple[Tensor, Tensor, Tensor, float]]) -> Tensor:
+def mixed_lora_delta(x: Tensor, groups: list[tuple[Tensor, Tensor, Tensor, float]],
+                     out: Tensor | None = None) -> Tensor:
     """The LoRA delta for a batch whose rows use different adapters, in one call.
 
     Semantics (reference):
         out[rows] = s * x[rows] @ A.T @ B.T   for each (rows, A, B, s) in groups; other rows get 0
     x: (batch, ..., in); rows: (n,) long row indices, disjoint across groups; returns (batch, ..., out).
+    With `out` (the base layer's output, in x's dtype) the delta is added into it in place and `out` returned:
+    no zero-filled (batch, ..., out) buffer and no extra add (MiniLM classify, 64 rows × 64 tokens, 64
+    adapters: the zero fill and the add were ~6% of the forward, profiled).
 
     Kernel, chosen by measurement (the first benchmarks/mixed_delta_kernels.py: SmolLM2 q_proj at decode, in = out
     = 576, r = 8, one layer's adapters reused, so cache-resident; one thread, median µs of 7×200 calls on the
@@ -207,10 +211,15 @@ def mixed_lora_delta(x: Tensor, groups: list[tuple[Tensor, Tensor, Tensor, float
     """
     A0, B0 = groups[0][1], groups[0][2]
     if len(groups) == 1 and groups[0][0].numel() == x.shape[0]:  # every row, one adapter (a single stream)
-        return F.linear(F.linear(x, A0), B0) * groups[0][3]
+        if out is None:
+            return F.linear(F.linear(x, A0), B0) * groups[0][3]
+        h = F.linear(x, A0)
+        out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), B0.t(), alpha=groups[0][3])
+        return out
     tokens, ranks = x.numel() // x.shape[-1], sum(A.shape[0] for _, A, _, _ in groups)
     if len(groups) <= 8 or tokens * ranks * (A0.shape[1] + B0.shape[0]) >= 2.5e6 * len(groups):
-        out = x.new_zeros(*x.shape[:-1], B0.shape[0])
+        if out is None:
+            out = x.new_zeros(*x.shape[:-1], B0.shape[0])
         for rows, A, B, s in groups:
             out.index_add_(0, rows, F.linear(F.linear(x.index_select(0, rows), A), B), alpha=s)
         return out
@@ -224,7 +233,10 @@ def mixed_lora_delta(x: Tensor, groups: list[tuple[Tensor, Tensor, Tensor, float
     keep = (ids.unsqueeze(1) == owner.unsqueeze(0)).to(x.dtype)  # (batch, Σr): a row's own block only
     h = F.linear(x, A)  # (batch, ..., Σr)
     h = h * keep.view(keep.shape[0], *([1] * (x.dim() - 2)), keep.shape[1])
-    return F.linear(h, B)
+    if out is None:
+        return F.linear(h, B)
+    out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), B.t())
+    return out
 
 
 def bag_indices(slots: Tensor, in_features: int, rank: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:

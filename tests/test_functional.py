@@ -155,12 +155,23 @@ def _groups(ids, As, Bs, scales):
             for k in range(len(As)) if bool((ids == k).any())]
 
 
-def test_delta_and_mixed_batch_semantics():
+def _mixed(x, groups, into):
+    """mixed_lora_delta returning the delta alone, or added in place into a base output (then subtracted back)."""
+    if into is None:
+        return mixed_lora_delta(x, groups)
+    out = mixed_lora_delta(x, groups, into.clone())
+    return out - into
+
+
+@pytest.mark.parametrize("ids", [[0, 1, -1, 1, 0], [0, 0, 0, 0, 0]])  # two adapters and base rows; one on all
+@pytest.mark.parametrize("into", [False, True])
+def test_delta_and_mixed_batch_semantics(ids, into):
     x, W, b, A, B = _tensors(seed=4)
     A2, B2 = A.flip(0), B.flip(1) * 3
     torch.testing.assert_close(delta_weight(A, B, 2.0), 2.0 * B @ A)
-    ids = torch.tensor([0, 1, -1, 1, 0])
-    out = mixed_lora_delta(x, _groups(ids, [A, A2], [B, B2], [1.0, 0.5]))
+    ids = torch.tensor(ids)
+    base = F.linear(x, W, b) if into else None
+    out = _mixed(x, _groups(ids, [A, A2], [B, B2], [1.0, 0.5]), base)
     for i, k in enumerate(ids.tolist()):
         expect = torch.zeros(3, 10) if k < 0 else x[i] @ ([A, A2][k].T @ [B, B2][k].T) * [1.0, 0.5][k]
         torch.testing.assert_close(out[i], expect, rtol=1e-5, atol=1e-5)
@@ -246,7 +257,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(p):
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6, msg=n)
 
 
-def test_mixed_batch_with_many_adapters_takes_the_stacked_path():
+@pytest.mark.parametrize("into", [False, True])
+def test_mixed_batch_with_many_adapters_takes_the_stacked_path(into):
     """12 adapters of different ranks in one batch (the stacked-ranks kernel), 3-d x, base rows: the reference."""
     g = torch.Generator().manual_seed(5)
     As = [torch.randn(2 + k % 3, 6, generator=g) for k in range(12)]
@@ -254,7 +266,7 @@ def test_mixed_batch_with_many_adapters_takes_the_stacked_path():
     scales = [0.5 + k for k in range(12)]
     ids = torch.tensor([k % 13 - 1 for k in range(26)])  # every adapter twice, and base rows (-1)
     x = torch.randn(26, 3, 6, generator=g)
-    out = mixed_lora_delta(x, _groups(ids, As, Bs, scales))
+    out = _mixed(x, _groups(ids, As, Bs, scales), torch.randn(26, 3, 4, generator=g) if into else None)
     for i, k in enumerate(ids.tolist()):
         expect = torch.zeros(3, 4) if k < 0 else x[i] @ As[k].T @ Bs[k].T * scales[k]
         torch.testing.assert_close(out[i], expect, rtol=1e-5, atol=1e-5)
