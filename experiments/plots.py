@@ -1,8 +1,11 @@
 """Line charts for the experiments' reports (matplotlib, PNG): a metric against a setting, one line per series,
-the mean over seeds with ± one standard deviation as error bars where there are several."""
+the mean over seeds with ± one standard deviation as error bars where there are several. A single-seed accuracy
+measured on `n_eval` examples gets ± its binomial standard error sqrt(p(1-p)/n) instead, so a reader sees which
+differences are inside the noise of the dev set (SST-2 dev, 872 sentences: ±1.2 points at p = 0.85)."""
 
 from __future__ import annotations
 
+from math import sqrt
 from pathlib import Path
 from statistics import mean, stdev
 
@@ -10,7 +13,7 @@ Points = list[tuple[float, list[float]]]  # (x, the metric of each seed at x)
 
 
 def plot_lines(series: dict[str, Points], path: str | Path, title: str, xlabel: str, ylabel: str,
-               log_base: int = 0) -> Path:
+               log_base: int = 0, n_eval: int = 0) -> Path:
     """One line per series through the mean at each x, written to `path` (PNG); x on a log scale of `log_base`
     (0: linear). Returns the path."""
     import matplotlib
@@ -23,7 +26,8 @@ def plot_lines(series: dict[str, Points], path: str | Path, title: str, xlabel: 
         points = sorted(points)
         xs = [x for x, _ in points]
         means = [mean(v) for _, v in points]
-        errors = [stdev(v) if len(v) > 1 else 0.0 for _, v in points]
+        errors = [stdev(v) if len(v) > 1 else sqrt(v[0] * (1 - v[0]) / n_eval) if n_eval and 0 <= v[0] <= 1
+                  else 0.0 for _, v in points]
         ax.errorbar(xs, means, yerr=errors, marker="o", capsize=3, lw=1.2, label=label)
     if log_base:
         ax.set_xscale("log", base=log_base)

@@ -10,6 +10,7 @@ from experiments.recipes import RECIPES
 from experiments.runner import Experiment, Spec, markdown_table, mean_std, train_seconds, write_text
 
 RANKS = (1, 2, 4, 8, 64)
+SST2_DEV = 872  # sentences in the bundled SST-2 dev split (the binomial error bars of a single seed)
 
 
 def specs(quick: bool, seeds: int | None, out: Path) -> list[Spec]:
@@ -28,7 +29,7 @@ def report(results: list[dict], out: Path, quick: bool) -> list[Path]:
             points.append((r, accuracies))
     table = markdown_table(["rank r (q, v)", "trainable", "SST-2 dev accuracy", "train time"], rows)
     figure = plot_lines({"SST-2 dev accuracy": points}, out / "rank.png", "rank of LoRA on Wq, Wv (SST-2 dev)",
-                        "rank r", "accuracy", log_base=2)
+                        "rank r", "accuracy (bars: ±1 s.e. or seed std)", log_base=2, n_eval=0 if quick else SST2_DEV)
     return [write_text(out / "rank.md", "# rank: LoRA on Wq, Wv, SST-2 dev\n\n" + table + "\nFigure: rank.png\n",
                        quick), figure]
 
