@@ -12,6 +12,15 @@ from statistics import mean, stdev
 Points = list[tuple[float, list[float]]]  # (x, the metric of each seed at x)
 
 
+def error_bar(values: list[float], n_eval: int = 0) -> float:
+    """± one seed standard deviation over several seeds; for one seed's accuracy on `n_eval` examples its binomial
+    standard error sqrt(p(1-p)/n); else 0."""
+    if len(values) > 1:
+        return stdev(values)
+    p = values[0]
+    return sqrt(p * (1 - p) / n_eval) if n_eval and 0 <= p <= 1 else 0.0
+
+
 def plot_lines(series: dict[str, Points], path: str | Path, title: str, xlabel: str, ylabel: str,
                log_base: int = 0, n_eval: int = 0) -> Path:
     """One line per series through the mean at each x, written to `path` (PNG); x on a log scale of `log_base`
@@ -26,8 +35,7 @@ def plot_lines(series: dict[str, Points], path: str | Path, title: str, xlabel: 
         points = sorted(points)
         xs = [x for x, _ in points]
         means = [mean(v) for _, v in points]
-        errors = [stdev(v) if len(v) > 1 else sqrt(v[0] * (1 - v[0]) / n_eval) if n_eval and 0 <= v[0] <= 1
-                  else 0.0 for _, v in points]
+        errors = [error_bar(v, n_eval) for _, v in points]
         ax.errorbar(xs, means, yerr=errors, marker="o", capsize=3, lw=1.2, label=label)
     if log_base:
         ax.set_xscale("log", base=log_base)

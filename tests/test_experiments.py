@@ -97,3 +97,13 @@ def test_lr_sweep_report_picks_the_best_lr_per_method_and_draws_its_curves(tmp_p
     assert json.loads((tmp_path / "best_lr.json").read_text()) == {"prefix": 3e-3, "prompt": 3e-2}
     assert tmp_path / "lr_sweep.png" in written and (tmp_path / "lr_sweep.png").read_bytes()[:4] == b"\x89PNG"
     assert "| prefix | 0.003 | 0.8500 |" in (tmp_path / "lr_sweep.md").read_text()
+
+
+def test_error_bars_are_seed_std_or_the_binomial_standard_error():
+    from statistics import stdev
+
+    from experiments.plots import error_bar
+
+    assert error_bar([0.85, 0.86, 0.88]) == stdev([0.85, 0.86, 0.88])
+    assert abs(error_bar([0.85], 872) - 0.012092) < 1e-6  # sqrt(0.85 * 0.15 / 872)
+    assert error_bar([0.85]) == 0.0 and error_bar([2.5], 100) == 0.0  # no sample size; not a proportion
