@@ -32,6 +32,7 @@ bench: install
 	$(BIN)/python benchmarks/train_step.py --dropout 0.0
 	$(BIN)/python benchmarks/train_step.py --dropout 0.1
 	$(BIN)/python benchmarks/generate_speed.py
+	$(BIN)/python benchmarks/decode_levers.py
 
 # The paper in miniature (docs/RESULTS.md, which gives each part's estimated time): the MiniLM experiments
 # (~6 h on 2 CPU cores), then the E2E table on SmolLM2 (~40 min per row); every part resumes where it stopped.
