@@ -12,6 +12,7 @@ Semantics (reference): out[i] == (model with only names[ids[i]] active)(x[i:i+1]
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -86,11 +87,26 @@ class RowAdapters:
 
 
 _ROWS: ContextVar[RowAdapters | None] = ContextVar("lorakit_row_adapters", default=None)
+# How many `adapter_rows` blocks are open, in all threads and tasks. While it is 0 no forward anywhere can have rows,
+# so `current_rows` answers None without reading the context variable: torch.compile cannot trace
+# ContextVar.get (a graph break in every LoRA layer), but it guards a compiled graph on this plain global, so a
+# graph compiled outside any block is never reused inside one. Raised before the variable is set, lowered after
+# it is reset: whenever a block is open the variable itself (per thread / task) is the answer.
+_OPEN_BLOCKS = 0
+_OPEN_LOCK = threading.Lock()
 
 
 def current_rows() -> RowAdapters | None:
     """The per-row adapter choice of the enclosing `adapter_rows` block in this thread/task, if any."""
+    if _OPEN_BLOCKS == 0:
+        return None
     return _ROWS.get()
+
+
+def _count_open(delta: int) -> None:
+    global _OPEN_BLOCKS
+    with _OPEN_LOCK:
+        _OPEN_BLOCKS += delta
 
 
 @contextmanager
@@ -106,8 +122,13 @@ def adapter_rows(names: Sequence[str], ids: Tensor | Sequence[int], expand: bool
     if ids.dim() != 1 or (ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= len(names))):
         raise LoraConfigError(f"adapter ids {ids.tolist()}: expected a 1-d list of values in [-1, {len(names)}) "
                               f"indexing names {list(names)} (-1 = the base model)")
-    token = _ROWS.set(RowAdapters(tuple(names), ids, expand, tables))
+    rows = RowAdapters(tuple(names), ids, expand, tables)
+    _count_open(1)
     try:
-        yield _ROWS.get()
+        token = _ROWS.set(rows)
+        try:
+            yield rows
+        finally:
+            _ROWS.reset(token)
     finally:
-        _ROWS.reset(token)
+        _count_open(-1)

@@ -134,3 +134,24 @@ def test_generate_with_expanded_batches(kwargs):
         assert torch.equal(mixed[i * k:(i + 1) * k], alone)
     with pytest.raises(LoraStateError, match="pass expand=True"), per_row_adapters(model, ["a", "b"]):
         model.generate(prompt, **gen)
+
+
+def test_torch_compile_traces_lora_layers_whole_and_never_reuses_that_graph_for_per_row_batches():
+    # Outside any adapter_rows block the LoRA layers must not break a compiled graph (fullgraph=True raises on
+    # a break), and that graph must not serve a per-row batch later: the rows are read from a context variable
+    # dynamo cannot trace, so the compiled code is guarded on the count of open blocks and recompiles there.
+    model = _two_adapter_llama().eval()
+    set_adapter(model, "a")
+    eager_a = model(input_ids=IDS).logits.detach()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="eager")  # tracing only, fast
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(input_ids=IDS).logits, eager_a, rtol=1e-5, atol=1e-5)
+        names = ["b", None, "a"]
+        expected = torch.stack([logits_alone(model, n, IDS[i:i + 1])[0] for i, n in enumerate(names)])
+        loose = torch.compile(model, dynamic=False, backend="eager")
+        loose(input_ids=IDS)  # compiled outside a block first
+        with per_row_adapters(model, names):
+            mixed = loose(input_ids=IDS).logits
+    torch._dynamo.reset()
+    torch.testing.assert_close(mixed, expected, rtol=1e-5, atol=1e-5)
