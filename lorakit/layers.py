@@ -270,10 +270,15 @@ class LoraLinear(LoraModule):
             return lora_linear(x, w.t() if self.fan_in_fan_out else w, base.bias, A, B, s, drops.pop(),
                                self.training)
         out = base(x)
-        for n in self.active:  # adapters with different dropout: one delta each
-            A, B = (t.to(x.dtype) for t in self.dense_factors(n))
-            xd = F.dropout(x, self.dropout[n], self.training)
-            out = out + F.linear(F.linear(xd, A), B) * self.scale[n]
+        # No gradient (serving an int8 base): add each delta in place with one addmm, as lora_linear's decode path.
+        in_place = not torch.is_grad_enabled() and out.dtype == x.dtype and out.is_contiguous()
+        for n in self.active:  # adapters with different dropout (or an int8 base): one delta each
+            A, B = (t if t.dtype == x.dtype else t.to(x.dtype) for t in self.dense_factors(n))
+            h = F.linear(F.dropout(x, self.dropout[n], True) if self.training and self.dropout[n] else x, A)
+            if in_place:
+                out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), B.t(), alpha=self.scale[n])
+            else:
+                out = out + F.linear(h, B) * self.scale[n]
         return out
 
     def _forward_rows(self, x: Tensor, rows: RowAdapters) -> Tensor:

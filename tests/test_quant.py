@@ -85,8 +85,9 @@ def test_lora_on_an_int8_base_adds_its_fp32_delta_unmerged_also_per_row():
     assert isinstance(layer.base_layer, Int8Linear) and layer.A("a").dtype == torch.float32
     x = torch.randn(3, 2, 32)
     want = layer.base_layer(x) + 2.0 * (x @ layer.A("a").T) @ layer.B("a").T  # y = int8 base + s·B·A·x, s = 8/4
+    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-6)  # with a gradient: the delta added out of place
     with torch.no_grad():
-        torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-6)  # without: added in place
         with adapter_rows(["a"], [0, -1, 0]):
             rows = layer(x)
     torch.testing.assert_close(rows[[0, 2]], want[[0, 2]], rtol=1e-5, atol=1e-6)
