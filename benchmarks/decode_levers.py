@@ -32,6 +32,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from generate_speed import make_adapter  # noqa: E402  (LoRA r=8, random nonzero A and B)
+
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 SETTINGS = [(a, c, comp, w) for a in ("base", "lora") for w in ("fp32", "int8")
             for c, comp in (("dynamic", False), ("static", False), ("static", True))]
@@ -47,23 +50,6 @@ def make_tiny(out: str) -> str:
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     LlamaForCausalLM(cfg).save_pretrained(out)
     return out
-
-
-def make_adapter(model_dir: str, out: str) -> None:
-    """LoRA q, v, r=8 with random nonzero A and B (so the adapter changes every step's arithmetic)."""
-    import torch
-
-    from lorakit import LoraConfig, inject, save_adapter
-    from lorakit.train.tasks import load_model
-
-    model = load_model(model_dir, "causal_lm", [])
-    inject(model, LoraConfig(r=8, alpha=16, targets=["q_proj", "v_proj"]))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    save_adapter(model, out)
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -150,7 +136,7 @@ def main() -> None:
 
             model_dir = str(resolve_model(args.model))
         adapter = os.path.join(work, "adapter")
-        make_adapter(model_dir, adapter)
+        make_adapter(model_dir, adapter, targets=["q_proj", "v_proj"])
         results = []
         for setting in SETTINGS:
             res = run_setting(args, model_dir, adapter, setting)

@@ -34,15 +34,15 @@ PROMPTS = ["name : The Vaults | eatType : pub | priceRange : more than £ 30 | c
            "How many legs does a spider have?", "Translate 'good morning' to French."]
 
 
-def make_adapter(model_dir: str, out: str, seed: int = 0) -> None:
-    """An all-linear r=8 adapter with random nonzero A and B, saved in PEFT layout."""
+def make_adapter(model_dir: str, out: str, seed: int = 0, targets: str | list[str] = "all-linear") -> None:
+    """An r=8 adapter (all-linear by default) with random nonzero A and B, saved in PEFT layout."""
     import torch
 
     from lorakit import LoraConfig, inject, save_adapter
     from lorakit.train.tasks import load_model, resolve_model_path
 
     model = load_model(resolve_model_path(model_dir), "causal_lm", [])
-    inject(model, LoraConfig(r=8, alpha=16, targets="all-linear"))
+    inject(model, LoraConfig(r=8, alpha=16, targets=targets))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
