@@ -241,18 +241,24 @@ def _add_generate_parser(sub) -> None:
                      help="apply the chat template (default: if the tokenizer has one and the run is not plain LM)")
     gen.add_argument("--batch_size", "--batch-size", type=int, default=8)
     gen.add_argument("--seed", type=int, default=0, help="sampling seed")
+    gen.add_argument("--weights", choices=["dense", "int8"], default="dense",
+                     help="int8: per-channel int8 base weights, LoRA unmerged (faster on CPU, see benchmarks)")
+    gen.add_argument("--compile", action="store_true",
+                     help="torch.compile the decode step with a static KV cache (60-90 s to compile; needs gcc)")
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
-    from lorakit.generate import generate, load_for_generation
+    from lorakit.generate import compile_for_decoding, generate, load_for_generation
     from lorakit.train.data import LM_SEPARATOR
 
-    model, tokenizer, plain = load_for_generation(args.model, args.adapter, args.merge)
+    model, tokenizer, plain = load_for_generation(args.model, args.adapter, args.merge, args.weights)
+    if args.compile:
+        compile_for_decoding(model)
     prompts = [p + LM_SEPARATOR for p in args.prompts] if plain else args.prompts
     chat = False if plain and args.chat is None else args.chat
     texts = generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                      temperature=args.temperature, top_p=args.top_p, num_beams=args.num_beams, stop=args.stop,
-                     chat=chat, batch_size=args.batch_size, seed=args.seed)
+                     chat=chat, batch_size=args.batch_size, seed=args.seed, static_cache=args.compile)
     for i, text in enumerate(texts):
         print(("" if len(texts) == 1 else f"[{i}] ") + text.strip())
 

@@ -17,6 +17,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .errors import LoraConfigError
+
 Messages = list[dict[str, str]]
 
 
@@ -65,13 +67,16 @@ def _left_padding(tokenizer):
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompts: Sequence[str | Messages], *, max_new_tokens: int = 128,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, num_beams: int = 1,
-             stop: Sequence[str] = (), chat: bool | None = None, batch_size: int = 8, seed: int = 0) -> list[str]:
+             stop: Sequence[str] = (), chat: bool | None = None, batch_size: int = 8, seed: int = 0,
+             static_cache: bool = False) -> list[str]:
     """The completion of every prompt (new text only, special tokens dropped, cut at the first stop string).
 
     chat: None = use the chat template when the tokenizer has one. Plain prompts are tokenized without
     special tokens, exactly as lorakit's causal-LM training tokenizes them. Greedy by default; beam search
     with num_beams > 1; sampling with do_sample (temperature, top_p, seeded by `seed`). Rows are decoded
     in batches of `batch_size`, sorted by prompt length (less padding), with the KV cache.
+    static_cache: a fixed-shape KV cache (transformers' "static"), what a `compile_for_decoding` model needs to
+    reuse its compiled step; the tokens are the same as with the default dynamic cache.
     """
     if max_new_tokens < 1 or batch_size < 1 or num_beams < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}, batch_size={batch_size}, num_beams={num_beams}: "
@@ -91,6 +96,8 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[str | Messages], *, 
         options |= {"temperature": None, "top_p": None, "top_k": None}
     if stop:
         options |= {"stop_strings": list(stop), "tokenizer": tokenizer}
+    if static_cache:
+        options["cache_implementation"] = "static"
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     order = sorted(range(len(texts)), key=lambda i: -lengths[i])
     out: list[str] = [""] * len(texts)
@@ -112,19 +119,36 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[str | Messages], *, 
     return out
 
 
+def compile_for_decoding(model: nn.Module, backend: str = "inductor") -> nn.Module:
+    """Compile `model.forward` with torch.compile for fixed shapes (use with `generate(static_cache=True)`).
+
+    Measured on SmolLM2 at batch 1 (benchmarks/decode_levers.py, 2 threads): 1.15-1.3x faster decoding after a
+    one-off 60-90 s compilation per process, so it pays for long or many generations only. LoRA layers, merged or
+    not, trace without graph breaks. Needs a C compiler for the default inductor backend.
+    """
+    model.forward = torch.compile(model.forward, dynamic=False, backend=backend)
+    return model
+
+
 def load_for_generation(model: str | None = None, adapter: str | None = None,
-                        merge: bool = False) -> tuple[nn.Module, object, bool]:
+                        merge: bool = False, weights: str = "dense") -> tuple[nn.Module, object, bool]:
     """(model, tokenizer, plain) for `lorakit generate`: a bare base, or a base with an adapter.
 
     adapter: the RUN/adapter of a `lorakit train` run (any method; its task.json names base and format)
     or a bare PEFT-layout LoRA directory. model: a directory or a bundled name; default the adapter's
     base, else smollm2. plain: the run was trained on plain "prompt ||" text (not chat), so prompts
     should be given that way. merge: fold the LoRA adapter into the weights (same outputs, base speed).
+    weights: "int8" quantizes the base's Linear weights per channel (`lorakit.quant`, LoRA kept unmerged in
+    fp32): 2.8x faster batch-1 decoding on SmolLM2 here, top-token agreement with fp32 98.8%.
     """
+    if weights not in ("dense", "int8"):
+        raise LoraConfigError(f"weights={weights!r}: expected 'dense' or 'int8'")
+    if weights == "int8" and merge:
+        raise LoraConfigError("merge=True with weights='int8': an int8 base serves its adapter unmerged; drop one "
+                              "of them (--merge or --weights int8)")
     from pathlib import Path
 
     from lorakit.adapters import merge as merge_adapters
-    from lorakit.errors import LoraConfigError
     from lorakit.train.tasks import load_model, load_tokenizer, resolve_model_path
 
     plain = False
@@ -150,7 +174,12 @@ def load_for_generation(model: str | None = None, adapter: str | None = None,
             load_adapter(net, adapter)
     if merge:
         merge_adapters(net)
+    if weights == "int8":
+        from lorakit.quant import quantize_int8
+
+        quantize_int8(net)
     return net.eval(), tokenizer, plain
 
 
-__all__ = ["generate", "load_for_generation", "has_chat_template", "render_prompts", "trim_stop"]
+__all__ = ["generate", "load_for_generation", "compile_for_decoding", "has_chat_template", "render_prompts",
+           "trim_stop"]

@@ -8,7 +8,7 @@ import torch
 from peft import PeftModel
 
 from lorakit import LoraConfig, inject, merge, save_adapter
-from lorakit.generate import generate, render_prompts, trim_stop
+from lorakit.generate import compile_for_decoding, generate, load_for_generation, render_prompts, trim_stop
 from tests.conftest import randomize_adapters
 from tests.train.conftest import bpe_tokenizer
 
@@ -94,3 +94,31 @@ def test_trim_stop_and_chat_rendering(smollm2):
     with pytest.raises(ValueError, match="chat=False takes string prompts"):
         render_prompts(tokenizer, [[{"role": "user", "content": "Hi"}]], chat=False)
 
+
+
+def test_static_cache_and_a_compiled_step_give_the_dynamic_cache_tokens(adapted, tok):
+    # generate(static_cache=True) is what a compiled model needs; greedy tokens must not change with it, nor with
+    # the forward traced by torch.compile (the "eager" backend traces the graph and runs it without a C compiler).
+    model = copy.deepcopy(adapted[0])
+    want = generate(model, tok, PROMPTS, max_new_tokens=6, batch_size=2)
+    assert generate(model, tok, PROMPTS, max_new_tokens=6, batch_size=2, static_cache=True) == want
+    torch._dynamo.reset()
+    compile_for_decoding(model, backend="eager")
+    try:
+        assert generate(model, tok, PROMPTS, max_new_tokens=6, batch_size=2, static_cache=True) == want
+    finally:
+        torch._dynamo.reset()
+
+
+def test_int8_weights_for_generation_and_refused_with_merge(base, adapted, tmp_path):
+    from lorakit import LoraConfigError
+    from lorakit.quant import Int8Linear
+
+    tok_dir = tmp_path / "base"
+    base.save_pretrained(tok_dir)
+    bpe_tokenizer().save_pretrained(tok_dir)
+    net, _, _ = load_for_generation(str(tok_dir), adapted[1], weights="int8")
+    layers = [m for m in net.modules() if isinstance(m, Int8Linear)]
+    assert layers and all(m.weight.dtype == torch.int8 for m in layers)
+    with pytest.raises(LoraConfigError, match="--merge or --weights int8"):
+        load_for_generation(str(tok_dir), adapted[1], merge=True, weights="int8")
