@@ -31,6 +31,9 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
                    help="the most tokens one request may ask for")
     p.add_argument("--prompt-cache", "--prompt_cache", dest="prompt_cache", type=int, default=4096,
                    help="prompt tokens whose KV is kept, keyed by adapter + tokens; 0 = off (default 4096)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads for the model (default 0: torch's own choice, one per core). On the 2-core "
+                        "machine of benchmarks/RESULTS.md, 1 decoded faster than 2 (see there)")
 
 
 def config_from_flags(args: argparse.Namespace):
@@ -40,4 +43,5 @@ def config_from_flags(args: argparse.Namespace):
                        max_batch=args.max_batch, max_queue=args.max_queue, host=args.host, port=args.port,
                        api_key=args.api_key, dtype=args.dtype, weights=args.weights,
                        allow_outside_paths=args.allow_outside_paths,
-                       timeout=args.timeout, max_tokens=args.max_tokens, prompt_cache=args.prompt_cache)
+                       timeout=args.timeout, max_tokens=args.max_tokens, prompt_cache=args.prompt_cache,
+                       threads=args.threads)

@@ -49,6 +49,7 @@ class ServeConfig:
     max_body: int = 1 << 20  # bytes
     prompt_cache: int = 4096  # prompt tokens whose KV is kept (keyed by adapter + tokens); 0 = off
     drain_timeout: float = 60.0
+    threads: int = 0  # torch intra-op threads (torch.set_num_threads, process-wide); 0 = leave torch's default
 
 
 def model_dir(spec: str) -> Path:
@@ -111,6 +112,10 @@ def load_base(path: Path, adapters: Path, dtype: str = "fp32", weights: str = "d
 
 def build(cfg: ServeConfig) -> Server:
     """A ready server (engine started) for `cfg`."""
+    if cfg.threads < 0:
+        raise LoraConfigError(f"--threads {cfg.threads}: expected 0 (torch's default) or a positive count")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     registry = AdapterRegistry(cfg.adapters, cfg.max_loaded, cfg.allow_outside_paths)
     path = model_dir(cfg.model)
     model, tokenizer, kind, context = load_base(path, registry.root, cfg.dtype, cfg.weights)
