@@ -291,11 +291,13 @@ class LoraLinear(LoraModule):
         if not groups:
             return out
         table, dt = rows.table(self, x), torch.promote_types(x.dtype, torch.float32)
-        if table is None and out.dtype == dt and x.dtype == dt and out.is_contiguous():  # fp32: add in place
-            return mixed_lora_delta(x, [(idx, *(t.to(dt) for t in self.dense_factors(n)), self.scale[n])
-                                         for n, idx in groups], out)
-        delta = table_lora_delta(x, *table) if table is not None else mixed_lora_delta(
-            x.to(dt), [(idx, *(t.to(dt) for t in self.dense_factors(n)), self.scale[n]) for n, idx in groups])
+        if table is not None:
+            delta = table_lora_delta(x, *table)
+        else:
+            factors = [(idx, *(t.to(dt) for t in self.dense_factors(n)), self.scale[n]) for n, idx in groups]
+            if out.dtype == dt and x.dtype == dt and out.is_contiguous():  # fp32: added into the base output in place
+                return mixed_lora_delta(x, factors, out)
+            delta = mixed_lora_delta(x.to(dt), factors)
         return (out.to(delta.dtype) + delta).to(out.dtype)
 
     def _stacked_factors(self) -> tuple[Tensor, Tensor, float]:
