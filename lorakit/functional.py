@@ -34,6 +34,12 @@ def fold_pays(rows: int, out_features: int, in_features: int) -> bool:
     return rows * (out_features + in_features) > out_features * in_features
 
 
+def add_low_rank_(out: Tensor, h: Tensor, B: Tensor, scale: float = 1.0) -> Tensor:
+    """out += s·h·Bᵀ in place, as one addmm over the rows (h: (..., r), B: (out, r)); returns `out` (contiguous)."""
+    out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), B.t(), alpha=scale)
+    return out
+
+
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scale: float,
                 dropout: float = 0.0, training: bool = False) -> Tensor:
     """y = x·Wᵀ + b + s·(drop(x)·Aᵀ)·Bᵀ with W frozen.
@@ -74,10 +80,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, A: Tensor, B: Te
         xd = F.dropout(x, p, training=True) if p > 0 else x
         y = F.linear(x, weight, bias)
         xa = F.linear(xd, A)
-        if y.is_contiguous():
-            y.view(-1, y.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), B.t(), alpha=scale)
-            return y
-        return y + F.linear(xa, B) * scale
+        return add_low_rank_(y, xa, B, scale) if y.is_contiguous() else y + F.linear(xa, B) * scale
     # Unfused with a gradient through W (full fine-tuning of an adapted layer).
     xd = F.dropout(x, p, training=True) if p > 0 else x
     return F.linear(x, weight, bias) + F.linear(F.linear(xd, A), B) * scale
@@ -213,9 +216,7 @@ def mixed_lora_delta(x: Tensor, groups: list[tuple[Tensor, Tensor, Tensor, float
     if len(groups) == 1 and groups[0][0].numel() == x.shape[0]:  # every row, one adapter (a single stream)
         if out is None:
             return F.linear(F.linear(x, A0), B0) * groups[0][3]
-        h = F.linear(x, A0)
-        out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), B0.t(), alpha=groups[0][3])
-        return out
+        return add_low_rank_(out, F.linear(x, A0), B0, groups[0][3])
     tokens, ranks = x.numel() // x.shape[-1], sum(A.shape[0] for _, A, _, _ in groups)
     if len(groups) <= 8 or tokens * ranks * (A0.shape[1] + B0.shape[0]) >= 2.5e6 * len(groups):
         if out is None:
@@ -235,8 +236,7 @@ def mixed_lora_delta(x: Tensor, groups: list[tuple[Tensor, Tensor, Tensor, float
     h = h * keep.view(keep.shape[0], *([1] * (x.dim() - 2)), keep.shape[1])
     if out is None:
         return F.linear(h, B)
-    out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), B.t())
-    return out
+    return add_low_rank_(out, h, B)
 
 
 def bag_indices(slots: Tensor, in_features: int, rank: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import LoraConfigError, LoraStateError
-from .functional import lora_linear, mixed_lora_delta, table_lora_delta
+from .functional import add_low_rank_, lora_linear, mixed_lora_delta, table_lora_delta
 from .rows import RowAdapters, current_rows
 
 _DOT = "%2E"  # not in [A-Za-z0-9._-], so the mapping is one to one
@@ -276,7 +276,7 @@ class LoraLinear(LoraModule):
             A, B = (t if t.dtype == x.dtype else t.to(x.dtype) for t in self.dense_factors(n))
             h = F.linear(F.dropout(x, self.dropout[n], True) if self.training and self.dropout[n] else x, A)
             if in_place:
-                out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), B.t(), alpha=self.scale[n])
+                add_low_rank_(out, h, B, self.scale[n])
             else:
                 out = out + F.linear(h, B) * self.scale[n]
         return out
