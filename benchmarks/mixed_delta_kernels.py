@@ -1,4 +1,4 @@
-"""Which kernel for the per-row LoRA term of a mixed-adapter decode step? A short single-thread microbenchmark.
+"""Which kernel for the per-row LoRA term of a mixed-adapter decode step? A short microbenchmark (one thread by default).
 
     delta[i] = s_k · (x[i]·A_kᵀ)·B_kᵀ,  k = ids[i]
 
@@ -13,11 +13,13 @@ distinct adapters among them. Candidates:
             (lorakit/row_tables.py, built between steps), read in place by two embedding_bag calls
 Reported: the median time of a pass (base x·Wᵀ + delta, every layer) relative to the base x·Wᵀ alone.
 
-    python benchmarks/mixed_delta_kernels.py            # ~1 minute on one core
+    python benchmarks/mixed_delta_kernels.py               # ~1 minute on one core
+    python benchmarks/mixed_delta_kernels.py --threads 2   # torch's intra-op threads (the server's default: 2 here)
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
@@ -81,7 +83,9 @@ def one_pass(layers, x, fn) -> float:
 
 
 def main() -> None:
-    torch.set_num_threads(1)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    torch.set_num_threads(ap.parse_args().threads)
     layers = make_layers()
     print("| rows | distinct adapters | base pass ms | " + " | ".join(kernels([0], 1)) + " |")
     print("|---|---|---|" + "---|" * len(kernels([0], 1)))
