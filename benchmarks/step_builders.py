@@ -7,8 +7,8 @@ SmolLM2-135M-Instruct (causal LM) on chat rows of real text: E2E meaning represe
 as user/assistant turns after a system prompt, rendered by the model's chat template and encoded exactly as
 `lorakit train --task chat` encodes them (labels on the assistant answers only, every row cut from its start
 to `seq` tokens). `--labels all` labels every token instead. Steps:
-    lorakit   the loop's own `_optimizer_step` (forward on the labelled positions, fp32 loss, backward, AdamW)
-              on the `Run` that `setup` builds for `--method lora`
+    lorakit   the loop's own `_optimizer_step` (forward on the labelled positions, the fp32 loss fused with the
+              LM head a chunk of rows at a time, backward, AdamW) on the `Run` that `setup` builds for `--method lora`
     full      the same step, `--method full` (every parameter trains)
     floor     the same step on the frozen model with `zero_cost_lora` on the targets
     peft      get_peft_model + `model(input_ids, attention_mask, labels=...).loss.backward()` + AdamW

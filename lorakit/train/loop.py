@@ -40,11 +40,10 @@ from lorakit.train.tasks import (
     eval_parts,
     load_model,
     load_tokenizer,
-    logits_and_targets,
     metrics_from_parts,
     resolve_model_path,
     step_module,
-    summed_cross_entropy,
+    summed_loss,
 )
 
 TRAINABLE_FILE = "trainable.safetensors"  # the "adapter" of methods other than lora: the trained tensors
@@ -218,7 +217,7 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None) -
         if ctx.is_main:
             print(recipe_line(run.config), flush=True)
         prog, best_state = _start(run)
-        net = distributed.wrap(step_module(run.model, run.kind), ctx)  # DDP's forward runs the loss's logits
+        net = distributed.wrap(step_module(run.model, run.kind), ctx)  # DDP's forward runs the LM's loss
         metrics_path = Path(config.out) / "metrics.jsonl"
         bar = report.progress_bar(run.total_steps, prog.step, ctx.is_main and config.progress)
         step_times: list[float] = []
@@ -287,8 +286,7 @@ def _optimizer_step(run: Run, net: nn.Module, group: list[list[int]]) -> tuple[f
         last = i == len(batches) - 1
         with nullcontext() if last or not ctx.distributed else net.no_sync():  # all-reduce once per step
             with torch.autocast(ctx.device.type, torch.bfloat16, enabled=run.config.precision == "bf16"):
-                logits, targets = logits_and_targets(net, kind, batch)  # causal LM: labelled positions only
-            loss = summed_cross_entropy(logits, targets) / max(n_targets, 1)  # in fp32
+                loss = summed_loss(net, kind, batch) / max(n_targets, 1)  # fp32; causal LM: fused, labelled only
             (loss * ctx.world).backward()  # DDP averages over ranks; × world makes it the global sum
         total += float(loss.detach())
     params = [p for g in run.optimizer.param_groups for p in g["params"]]

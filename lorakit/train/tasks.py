@@ -7,8 +7,9 @@
 
 Losses are returned as (sum, count) so the loop can divide by the number of targets in the whole
 optimizer step, over micro-batches and processes: the gradient is then exactly the mean over the global
-batch, whatever the split (see loop.py). A causal LM's logits are computed at its labelled positions only
-(lm_logits.py): same loss and gradients, a fraction of the output layer's and the softmax's cost.
+batch, whatever the split (see loop.py). A causal LM's loss is computed at its labelled positions only, and
+where exact fused with the output layer, a chunk of rows at a time (lm_logits.py, linear_ce.py): same loss
+and gradients, a fraction of the output layer's and the softmax's cost, and no (N, V) logits in memory.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lorakit.errors import LoraConfigError
 from lorakit.models import BUNDLED, resolve_model
 from lorakit.train.data import IGNORE_INDEX, LM_SEPARATOR, DataError, collate, encode, make_batches, pad_token_id
-from lorakit.train.lm_logits import LabelledLogits, labelled_logits
+from lorakit.train.linear_ce import summed_cross_entropy
+from lorakit.train.lm_logits import LabelledLoss
 from lorakit.train.metrics import accuracy, entity_f1, matthews_corr, word_tags
 from lorakit.train.readers import LMExample, TextExample, TokenExample
 
@@ -122,25 +123,21 @@ def count_targets(kind: str, labels: Tensor) -> int:
 
 
 def step_module(model: nn.Module, kind: str) -> nn.Module:
-    """What the training loop runs (and DDP wraps): the model, or a causal LM behind `LabelledLogits`."""
-    return LabelledLogits(model) if kind == "causal_lm" else model
+    """What the training loop runs (and DDP wraps): the model, or a causal LM behind `LabelledLoss`."""
+    return LabelledLoss(model) if kind == "causal_lm" else model
 
 
-def logits_and_targets(net: nn.Module, kind: str, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """(logits (N, C), targets (N,)) of a batch's loss terms (targets -100: none), `net` from `step_module`.
+def summed_loss(net: nn.Module, kind: str, batch: dict[str, Tensor]) -> Tensor:
+    """Σ cross-entropy (fp32) over a batch's loss terms, `net` from `step_module`; divide by count_targets.
 
-    classification: one row per example; token_classification: one per token; causal_lm: one per labelled
-    next token only, the others never computed (lm_logits.py).
+    classification: one term per example; token_classification: one per labelled token; causal_lm: one per
+    labelled next token, computed inside `net`'s forward (`LabelledLoss`: only those positions, and where
+    exact without their (N, V) logits, lm_logits.py).
     """
     if kind == "causal_lm":
         return net(**model_inputs(batch, kind), labels=batch["labels"])
     logits = net(**model_inputs(batch, kind)).logits
-    return logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1)
-
-
-def summed_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
-    """Σ cross-entropy of logits (N, C) against targets (N,), skipping -100, in fp32."""
-    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return summed_cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1))
 
 
 def loss_sum(kind: str, logits: Tensor, labels: Tensor) -> Tensor:
@@ -148,7 +145,7 @@ def loss_sum(kind: str, logits: Tensor, labels: Tensor) -> Tensor:
 
     classification: logits (B, C), labels (B,). token_classification: logits (B, T, C), labels (B, T).
     causal_lm: logits (B, T, V) predict the next token: position t is scored against labels[t + 1]
-    (the dense form; training and evaluation compute only the labelled positions' logits, `logits_and_targets`).
+    (the dense form; training and evaluation score only the labelled positions, `summed_loss`).
     """
     if kind == "causal_lm":
         logits, labels = logits[:, :-1], labels[:, 1:]
@@ -170,8 +167,8 @@ def eval_parts(model: nn.Module, kind: str, items: list[dict], batch_size: int, 
     for idx in make_batches(len(items), lengths, batch_size, seed=0, epoch=0, shuffle=False):
         batch = {k: v.to(device) for k, v in collate([items[i] for i in idx], pad_id).items()}
         count += count_targets(kind, batch["labels"])
-        if kind == "causal_lm":  # the labelled positions' logits only
-            total += float(summed_cross_entropy(*labelled_logits(model, model_inputs(batch, kind), batch["labels"])))
+        if kind == "causal_lm":  # the labelled positions only; no grad: the loss alone
+            total += float(summed_loss(step_module(model, kind), kind, batch))
             continue
         logits = model(**model_inputs(batch, kind)).logits
         total += float(loss_sum(kind, logits, batch["labels"]))
@@ -249,5 +246,5 @@ def predict(model: nn.Module, tokenizer, kind: str, labels: list[str], texts: li
 
 __all__ = ["KINDS", "PEFT_TASK_TYPES", "PRIMARY_METRIC", "check_model_dir", "count_targets", "default_model_path",
            "resolve_model_path",
-           "eval_parts", "evaluate", "load_model", "load_tokenizer", "logits_and_targets", "loss_sum",
-           "metrics_from_parts", "model_inputs", "parse_text", "predict", "step_module", "summed_cross_entropy"]
+           "eval_parts", "evaluate", "load_model", "load_tokenizer", "loss_sum", "metrics_from_parts",
+           "model_inputs", "parse_text", "predict", "step_module", "summed_cross_entropy", "summed_loss"]

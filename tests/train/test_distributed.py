@@ -63,8 +63,9 @@ def test_two_processes_match_one(tmp_path, tiny_bert_dir):
 
 
 def test_causal_lm_two_processes_match_one(tmp_path, tiny_gpt2_dir):
-    """The LM loss on the labelled positions only runs inside DDP's forward (LabelledLogits), so DDP still
-    synchronises: the ranks end identical and equal to one process over the same global batches."""
+    """The LM loss (labelled positions only, fused with the output layer) runs inside DDP's forward
+    (LabelledLoss), so DDP still synchronises: the ranks end identical and equal to one process over the same
+    global batches."""
     model_dir = tmp_path / "gpt2"  # the tiny GPT-2 without its own dropout, so both runs see the same function
     shutil.copytree(tiny_gpt2_dir, model_dir)
     config = json.loads((model_dir / "config.json").read_text())
