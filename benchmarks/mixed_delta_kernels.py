@@ -1,4 +1,4 @@
-"""Which kernel for the per-row LoRA term of a mixed-adapter decode step? A short microbenchmark (one thread by default).
+"""Which kernel for the per-row LoRA term of a mixed-adapter decode step? A short microbenchmark.
 
     delta[i] = s_k · (x[i]·A_kᵀ)·B_kᵀ,  k = ids[i]
 

@@ -38,6 +38,7 @@ taken from them: same result, full cost.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from lorakit.rows import current_rows
@@ -97,7 +98,7 @@ def _forward_gathered(model: nn.Module, head: nn.Module | None, inputs: dict[str
         return (taken[0].detach()[:0] if empty else taken[0], *args[1:])
 
     def record(module: nn.Module, args: tuple, out) -> None:
-        outputs.append((out, out._version if isinstance(out, Tensor) else None))
+        outputs.append((out, out._version if isinstance(out, Tensor) and not out.is_inference() else None))
 
     handles = [head.register_forward_pre_hook(gather), head.register_forward_hook(record)] if head is not None else []
     try:
@@ -133,7 +134,8 @@ def labelled_loss(model: nn.Module, inputs: dict[str, Tensor], labels: Tensor, c
     logits, values and gradients; without grad mode only the loss is computed.
     """
     head = _output_layer(model)
-    linear = _fusable_linear(model, head)
+    # inference_mode tensors have no version counter, so the check below could not run: take the plain path
+    linear = None if torch.is_inference_mode_enabled() else _fusable_linear(model, head)
     if linear is not None:
         rows, cols, targets = labelled_positions(labels)
         logits, taken, outputs = _forward_gathered(model, head, inputs, labels, rows, cols, empty=True)

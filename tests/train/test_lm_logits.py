@@ -296,3 +296,14 @@ def test_the_fused_loss_never_makes_a_tensor_of_n_by_v():
         largest[name] = mode.largest
     assert largest["gathered"] >= n * vocab
     assert largest["fused"] < n * vocab / 4, largest
+
+
+def test_under_inference_mode_the_loss_is_the_dense_one():
+    # inference_mode tensors have no version counter to check, so the plain gathered path runs
+    model = _tiny("llama", tied=True).eval()
+    inputs, labels = _batch("some")
+    with torch.no_grad():
+        ref = _dense_loss(model, inputs, labels)
+    with torch.inference_mode():
+        loss = labelled_loss(model, inputs, labels, chunk=CHUNK)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
