@@ -39,9 +39,9 @@ def plot_lines(series: dict[str, Points], path: str | Path, title: str, xlabel: 
         ax.errorbar(xs, means, yerr=errors, marker="o", capsize=3, lw=1.2, label=label)
     if log_base:
         ax.set_xscale("log", base=log_base)
-    if log_base == 2:  # ranks: label the ranks themselves (1, 2, 4, 8, 64), not powers of 2
-        xs = sorted({x for points in series.values() for x, _ in points})
-        ax.set_xticks(xs, [f"{x:g}" for x in xs])
+    xs = sorted({x for points in series.values() for x, _ in points})
+    if log_base == 2 or (not log_base and all(float(x).is_integer() for x in xs)):
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])  # ranks (1, 2, 4, 8, 64), not powers of 2; seeds, not 0.2, 0.4
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     if len(series) > 1:
         ax.legend(fontsize=7)

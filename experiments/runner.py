@@ -199,15 +199,23 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows]) + "\n"
 
 
+def trainable_text(summary: dict) -> str:
+    """'338,690 (1.47%)': trainable values and their share of the model's."""
+    return f"{summary['trainable']:,} ({100 * summary['trainable'] / summary['total']:.3g}%)"
+
+
+def memory_text(rows: list[dict]) -> str:
+    """Mean peak memory of a group's runs; '(runner)' when they trained inside the runner's process (its peak)."""
+    return f"{mean(r['summary']['memory_mib'] for r in rows):.0f} MiB" + (" (runner)" if rows[0]["in_process"] else "")
+
+
 def method_table(results: list[dict]) -> str:
     """One row per group: dev metric mean ± std over seeds, trainable values (% of total), train time, memory."""
     rows = []
     for group, rs in group_rows(results).items():
         s = rs[0]["summary"]
-        mem = f"{mean(r['summary']['memory_mib'] for r in rs):.0f} MiB" + (" (runner)" if rs[0]["in_process"] else "")
-        rows.append([group, f"{s['metric_name']} {mean_std([r['summary']['metric'] for r in rs])}",
-                     f"{s['trainable']:,} ({100 * s['trainable'] / s['total']:.3g}%)",
-                     f"{mean(train_seconds(r) for r in rs):.0f} s", mem, str(len(rs))])
+        rows.append([group, f"{s['metric_name']} {mean_std([r['summary']['metric'] for r in rs])}", trainable_text(s),
+                     f"{mean(train_seconds(r) for r in rs):.0f} s", memory_text(rs), str(len(rs))])
     return markdown_table(["run", "dev metric (mean ± std)", "trainable (% of total)", "train time", "peak memory",
                            "seeds"], rows)
 
@@ -218,5 +226,5 @@ def write_text(path: Path, text: str, quick: bool) -> Path:
     return path
 
 
-__all__ = ["Experiment", "QUICK", "Spec", "build_config", "group_rows", "markdown_table", "mean_std", "method_table",
-           "read_results", "run_experiment", "train_seconds", "write_text"]
+__all__ = ["Experiment", "QUICK", "Spec", "build_config", "group_rows", "markdown_table", "mean_std", "memory_text",
+           "method_table", "read_results", "run_experiment", "train_seconds", "trainable_text", "write_text"]

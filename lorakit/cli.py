@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("adapter", help="a PEFT-layout adapter directory")
     ins.add_argument("--plot", default=None, help="also draw the singular values of every module's dW to this PNG")
     ex = sub.add_parser("experiment", help="run one of the paper-in-miniature experiments (experiments/)")
-    ex.add_argument("name", help="lr-sweep, glue-mini, rank, targets, ner, subspace, rank-e2e, e2e-methods")
+    ex.add_argument("name", help="lr-sweep, glue-mini, rank, targets, ner, subspace, parity, rank-e2e, "
+                                 "e2e-methods")
     ex.add_argument("--quick", action="store_true", help="a tiny slice and 2 steps per run: a smoke test")
     ex.add_argument("--out", default=None, help="output directory (default: runs/experiments/NAME)")
     ex.add_argument("--model", default=None, help="base model directory instead of the experiment's (MiniLM, SmolLM2)")

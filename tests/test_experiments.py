@@ -1,14 +1,18 @@
 """The experiment runner in quick mode on a tiny BERT (a CI smoke test: no accuracy is asserted): runs are
 recorded and skipped on a second call, tables and figures are written, the equal-budget runs of `targets` do
-train equally many values, and every configuration of the long experiments is valid before anything runs."""
+train equally many values, every configuration of the long experiments is valid before anything runs, and
+parity's full and lora runs are glue-mini's (so they are reused) and its gap to full fine-tuning is in points."""
 
 import json
+from dataclasses import fields
 
 import pytest
 
 from experiments import EXPERIMENTS
 from experiments.runner import build_config, read_results, run_experiment
 from lorakit.cli import main
+from lorakit.errors import LoraConfigError
+from lorakit.train.config import TrainConfig
 from tests.train.conftest import save_tiny_bert
 
 
@@ -44,7 +48,7 @@ def test_targets_quick_through_the_cli_keeps_the_budget_equal(tiny_bert_dir, tmp
 
 
 @pytest.mark.parametrize("name,count", [("glue-mini", 60), ("lr-sweep", 15), ("rank", 5), ("targets", 7),
-                                        ("ner", 6), ("subspace", 4)])
+                                        ("ner", 6), ("subspace", 4), ("parity", 15)])
 def test_every_full_configuration_is_valid(tmp_path, name, count):
     specs = EXPERIMENTS[name].specs(False, None, tmp_path / name)
     assert len(specs) == count and len({s.name for s in specs}) == count
@@ -107,3 +111,77 @@ def test_error_bars_are_seed_std_or_the_binomial_standard_error():
     assert error_bar([0.85, 0.86, 0.88]) == stdev([0.85, 0.86, 0.88])
     assert abs(error_bar([0.85], 872) - 0.012092) < 1e-6  # sqrt(0.85 * 0.15 / 872)
     assert error_bar([0.85]) == 0.0 and error_bar([2.5], 100) == 0.0  # no sample size; not a proportion
+
+
+def _table_rows(markdown: str) -> list[list[str]]:
+    """The cells of the first markdown table's body rows."""
+    lines = markdown.split("\n\n## ")[0].splitlines()
+    return [line.strip("| ").split(" | ") for line in lines if line.startswith("| ")][1:]
+
+
+def test_parity_quick_writes_a_row_per_recipe_and_its_figure(tiny_bert_dir, tmp_path):
+    out = tmp_path / "parity"
+    written = run_experiment(EXPERIMENTS["parity"], out, quick=True, model=tiny_bert_dir, log=lambda *_: None)
+    assert [p.name for p in written] == ["parity.md", "parity.png"]
+    assert (out / "parity.png").read_bytes()[:4] == b"\x89PNG"
+    rows = read_results(out)
+    assert [r["group"] for r in rows] == ["full", "lora", "lora-long", "lora-plus", "lora-r16"]
+    assert all(r["quick"] and r["seed"] == 0 and r["summary"]["steps"] == 2 for r in rows)
+    assert rows[3]["config"]["lora_plus_ratio"] == 8.0 and rows[4]["config"]["r"] == 16
+    text = (out / "parity.md").read_text()
+    table = _table_rows(text)
+    assert [row[0] for row in table] == ["full", "lora", "lora-long", "lora-plus", "lora-r16"]
+    assert table[0][2:4] == ["+0.00", "reference"] and table[0][6] == "1.00×"
+    assert all(row[3] in ("yes", "no") and row[8] == "1" for row in table[1:])
+    assert text.startswith("> **--quick smoke run**") and "| lora-plus | lora | 0.0005 | 8 | 8 | 16 | 3 | 16 |" in text
+
+
+def _result(label: str, seed: int, accuracy: float, step_s: float) -> dict:
+    summary = {"metric_name": "accuracy", "metric": accuracy, "trainable": 10, "total": 100, "step_time_s": step_s,
+               "steps": 100, "memory_mib": 1000.0}
+    return {"name": f"sst2-{label}-s{seed}", "group": label, "seed": seed, "meta": {"label": label},
+            "config": TrainConfig(method="full" if label == "full" else "lora").to_dict(), "summary": summary,
+            "in_process": False}
+
+
+def test_parity_report_measures_the_gap_to_full_fine_tuning_in_points(tmp_path):
+    results = [_result("full", 0, 0.880, 3.0), _result("full", 1, 0.890, 3.0),   # mean 0.885, 300 s
+               _result("lora", 0, 0.880, 1.5), _result("lora", 1, 0.884, 1.5),   # 0.3 points below: within
+               _result("lora-r16", 0, 0.870, 6.0), _result("lora-r16", 1, 0.880, 6.0)]  # 1.0 below, 2x the time
+    EXPERIMENTS["parity"].report(results, tmp_path, False)
+    table = {row[0]: row for row in _table_rows((tmp_path / "parity.md").read_text())}
+    assert table["full"][1:7] == ["0.8850 ± 0.0071", "+0.00", "reference", "10 (10%)", "300 s", "1.00×"]
+    assert table["lora"][2:4] == ["-0.30", "yes"] and table["lora"][5:7] == ["150 s", "0.50×"]
+    assert table["lora-r16"][2:4] == ["-1.00", "no"] and table["lora-r16"][6] == "2.00×"
+    assert table["full"][7] == "1000 MiB" and table["full"][8] == "2"
+
+
+def test_parity_full_and_lora_runs_are_glue_minis_so_the_runner_reuses_them(tmp_path):
+    def configs(name: str) -> dict:
+        specs = EXPERIMENTS[name].specs(False, None, tmp_path / name)
+        return {s.name: build_config(s, tmp_path, False, None) for s in specs}
+
+    parity, glue = configs("parity"), configs("glue-mini")
+    shared = [n for n in parity if n.startswith(("sst2-full-", "sst2-lora-s"))]
+    assert len(shared) == 6 and all(parity[n] == glue[n] for n in shared)
+
+
+def test_parity_candidates_are_trainconfig_fields_and_differ_from_the_default(monkeypatch):
+    from experiments import parity
+    from experiments.recipes import recipe
+
+    known = {f.name for f in fields(TrainConfig)}
+    default = TrainConfig(**{"task": "sst2", **recipe("lora")})
+    for label, overlay in parity.CANDIDATES.items():
+        assert set(overlay) <= known, label
+        assert TrainConfig(**parity.candidate(label)) != default, label  # else the runner would reuse lora's runs
+    monkeypatch.setitem(parity.CANDIDATES, "lora-typo", {"lora_plus_ration": 8.0})
+    with pytest.raises(LoraConfigError, match="lora_plus_ration"):
+        parity.specs(False, None, None)
+
+
+def test_experiment_help_names_every_experiment(capsys):
+    with pytest.raises(SystemExit):
+        main(["experiment", "--help"])
+    squashed = "".join(capsys.readouterr().out.split())  # argparse wraps the help, also at hyphens
+    assert all(name in squashed for name in EXPERIMENTS)
