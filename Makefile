@@ -37,7 +37,7 @@ bench: install
 # The paper in miniature (docs/RESULTS.md, which gives each part's estimated time): the MiniLM experiments
 # (~6 h on 2 CPU cores), then the E2E table on SmolLM2 (~40 min per row); every part resumes where it stopped.
 # Cheapest first; lr-sweep before glue-mini, which reads its choices (best_lr.json).
-EXPERIMENTS ?= rank targets subspace ner lr-sweep glue-mini
+EXPERIMENTS ?= rank targets subspace ner lr-sweep glue-mini parity
 E2E_EXPERIMENTS ?= e2e-methods rank-e2e
 experiments: install
 	for e in $(EXPERIMENTS); do $(BIN)/lorakit experiment $$e || exit 1; done
