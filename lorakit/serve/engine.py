@@ -41,6 +41,14 @@ def _rows(names: list[str | None], tables: RowTables | None = None):
     return adapter_rows(known, [known.index(n) if n is not None else -1 for n in names], tables=tables)
 
 
+def _pin_threads(n: int) -> None:
+    """Set the calling thread's torch thread count for good. OpenMP's and MKL's counts are per thread, and ATen
+    sets a thread's count from the process-wide last `set_num_threads` value at the thread's first torch use; so
+    that first use comes first here, or a loader's later set_num_threads(1) would become the engine's count."""
+    torch.get_num_threads()
+    torch.set_num_threads(n)
+
+
 class Engine:
     def __init__(self, model: nn.Module, tokenizer, kind: str, registry: AdapterRegistry, metrics: Metrics,
                  max_batch: int = 32, max_queue: int = 256, prompt_cache: int = 4096, max_context: int = 2048) -> None:
@@ -62,19 +70,16 @@ class Engine:
         self.running: list[Seq] = []
         self.batch = empty_batch()
         self.loading: dict[str, Future] = {}  # adapter name -> its validation on the loader threads
-        self.loader = ThreadPoolExecutor(2, thread_name_prefix="lorakit-loader")
+        # One torch thread on the loaders: no OpenMP pool of their own beside the engine's (server._in_passing_thread)
+        self.loader = ThreadPoolExecutor(2, thread_name_prefix="lorakit-loader", initializer=_pin_threads,
+                                         initargs=(1,))
+        self.threads = torch.get_num_threads()  # the engine thread's count: the creating thread's (`--threads`)
         self.outstanding, self.draining, self._stop = 0, False, False
         self._count_lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="lorakit-engine", daemon=True)
 
     # -- called from the API threads ---------------------------------------------------------------------
     def start(self) -> None:
-        # Start torch's intra-op thread pool from this (usually the main) thread first. Measured on the tiny
-        # Llama: when the engine thread was the first to run parallel ops, its decode steps stayed 5-8x slower
-        # (0.09-0.18 s vs 0.015-0.024 s per 8-token request) until the main thread had run one.
-        x = torch.ones(256, 256)
-        for _ in range(4):
-            x = x @ x / 256
         self.thread.start()
 
     def stop(self) -> None:
@@ -111,6 +116,7 @@ class Engine:
 
     # -- the loop ----------------------------------------------------------------------------------------
     def _run(self) -> None:
+        _pin_threads(self.threads)
         while not self._stop:
             try:
                 self._turn()

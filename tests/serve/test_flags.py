@@ -1,4 +1,5 @@
-"""`lorakit serve` flags: --threads reaches torch, a bad value is refused before anything loads."""
+"""`lorakit serve` flags and threads: --threads reaches torch, a bad value is refused before anything loads; the
+model loads on a thread that ends, the loaders run torch single-threaded, the engine thread with --threads."""
 
 import argparse
 
@@ -31,6 +32,31 @@ def test_threads_set_torch_for_the_server(llama_dir, llama_adapters):
     srv = start(llama_dir, llama_adapters, threads=1)
     try:
         assert torch.get_num_threads() == 1
+    finally:
+        srv.close()
+        torch.set_num_threads(before)
+
+
+def test_torch_work_stays_on_the_engine_thread(llama_dir, llama_adapters, monkeypatch):
+    # One OpenMP pool in the process (lorakit.serve.server._in_passing_thread): the model loads on a thread that
+    # has ended once build returns; loaders use 1 torch thread; the engine thread gets the configured count.
+    import threading
+
+    from lorakit.serve import server as server_module
+
+    loaded_on = []
+    real = server_module.load_base
+    monkeypatch.setattr(server_module, "load_base",
+                        lambda *a, **k: (loaded_on.append(threading.current_thread()), real(*a, **k))[1])
+    before = torch.get_num_threads()
+    srv = start(llama_dir, llama_adapters, threads=2)
+    try:
+        engine = srv.server.engine
+        assert len(loaded_on) == 1 and loaded_on[0] is not threading.main_thread()
+        assert not loaded_on[0].is_alive()
+        assert engine.loader.submit(torch.get_num_threads).result(timeout=10) == 1
+        assert engine.call(torch.get_num_threads).result(timeout=10) == 2
+        assert engine.call(threading.current_thread).result(timeout=10) is engine.thread
     finally:
         srv.close()
         torch.set_num_threads(before)
