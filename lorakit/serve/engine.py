@@ -32,6 +32,7 @@ from .metrics import Metrics
 from .registry import AdapterRegistry
 from .sampling import next_token
 from .schemas import ServeError
+from .threads import pin_threads
 
 
 def _rows(names: list[str | None], tables: RowTables | None = None):
@@ -39,14 +40,6 @@ def _rows(names: list[str | None], tables: RowTables | None = None):
     only this thread's forwards see it, and nothing is written on the model."""
     known = list(dict.fromkeys(n for n in names if n is not None))
     return adapter_rows(known, [known.index(n) if n is not None else -1 for n in names], tables=tables)
-
-
-def _pin_threads(n: int) -> None:
-    """Set the calling thread's torch thread count for good. OpenMP's and MKL's counts are per thread, and ATen
-    sets a thread's count from the process-wide last `set_num_threads` value at the thread's first torch use; so
-    that first use comes first here, or a loader's later set_num_threads(1) would become the engine's count."""
-    torch.get_num_threads()
-    torch.set_num_threads(n)
 
 
 class Engine:
@@ -70,8 +63,8 @@ class Engine:
         self.running: list[Seq] = []
         self.batch = empty_batch()
         self.loading: dict[str, Future] = {}  # adapter name -> its validation on the loader threads
-        # One torch thread on the loaders: no OpenMP pool of their own beside the engine's (server._in_passing_thread)
-        self.loader = ThreadPoolExecutor(2, thread_name_prefix="lorakit-loader", initializer=_pin_threads,
+        # One torch thread on the loaders: no OpenMP pool of their own beside the engine's (threads.py)
+        self.loader = ThreadPoolExecutor(2, thread_name_prefix="lorakit-loader", initializer=pin_threads,
                                          initargs=(1,))
         self.threads = torch.get_num_threads()  # the engine thread's count: the creating thread's (`--threads`)
         self.outstanding, self.draining, self._stop = 0, False, False
@@ -116,7 +109,7 @@ class Engine:
 
     # -- the loop ----------------------------------------------------------------------------------------
     def _run(self) -> None:
-        _pin_threads(self.threads)
+        pin_threads(self.threads)
         while not self._stop:
             try:
                 self._turn()

@@ -32,8 +32,8 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-cache", "--prompt_cache", dest="prompt_cache", type=int, default=4096,
                    help="prompt tokens whose KV is kept, keyed by adapter + tokens; 0 = off (default 4096)")
     p.add_argument("--threads", type=int, default=0,
-                   help="torch threads for the model (default 0: torch's own choice, one per core). On the 2-core "
-                        "machine of benchmarks/RESULTS.md, 1 decoded faster than 2 (see there)")
+                   help="torch threads for the model (default 0: torch's own choice, one per core; on the 2-core "
+                        "machine of benchmarks/RESULTS.md, 2 decode faster than 1). 1 leaves a core to other work")
 
 
 def config_from_flags(args: argparse.Namespace):

@@ -10,11 +10,8 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import torch
 import uvicorn
@@ -27,8 +24,7 @@ from .api import Server, Settings, create_app
 from .engine import Engine
 from .metrics import Metrics
 from .registry import AdapterRegistry, adapter_files
-
-T = TypeVar("T")
+from .threads import in_passing_thread
 
 _ENCODERS = {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta", "deberta-v2", "albert", "mpnet",
              "camembert", "ernie", "modernbert"}
@@ -54,7 +50,7 @@ class ServeConfig:
     max_body: int = 1 << 20  # bytes
     prompt_cache: int = 4096  # prompt tokens whose KV is kept (keyed by adapter + tokens); 0 = off
     drain_timeout: float = 60.0
-    threads: int = 0  # torch intra-op threads (torch.set_num_threads, process-wide); 0 = leave torch's default
+    threads: int = 0  # the engine thread's torch intra-op threads (threads.py); 0 = leave torch's default
 
 
 def model_dir(spec: str) -> Path:
@@ -115,21 +111,6 @@ def load_base(path: Path, adapters: Path, dtype: str = "fp32", weights: str = "d
     return model.eval(), tokenizer, kind, int(limit)
 
 
-def _in_passing_thread(fn: Callable[[], T]) -> T:
-    """fn() on a thread that ends when it returns, so the OpenMP thread pool its torch ops start ends with it.
-
-    libgomp keeps one worker pool per thread that ever ran a parallel region, and when the process's pools hold
-    more threads than there are CPUs, idle workers spin 100 times instead of 300,000 before they sleep, so every
-    parallel op then pays a futex wake-up. Measured (SmolLM2 int8, batch 1, 2 threads, 2 CPUs): generating on a
-    second thread after the main thread had loaded the model made 18-20 tok/s, against 34-38 when one thread did
-    all the work or the loading thread had ended; through `lorakit serve --weights int8`, one stream went from
-    22-28 to 42-48 tok/s. So the model loads here, and the engine thread is the only one that runs the model's
-    parallel ops (the loaders run torch on 1 thread: engine._pin_threads).
-    """
-    with ThreadPoolExecutor(1, thread_name_prefix="lorakit-load") as pool:
-        return pool.submit(fn).result()
-
-
 def build(cfg: ServeConfig) -> Server:
     """A ready server (engine started) for `cfg`."""
     if cfg.threads < 0:
@@ -142,7 +123,7 @@ def build(cfg: ServeConfig) -> Server:
         path = model_dir(cfg.model)  # converts a bundled model on first use: torch ops too
         return path, load_base(path, registry.root, cfg.dtype, cfg.weights)
 
-    path, (model, tokenizer, kind, context) = _in_passing_thread(load)
+    path, (model, tokenizer, kind, context) = in_passing_thread(load)  # threads.py: one OpenMP pool
     engine = Engine(model, tokenizer, kind, registry, Metrics(), cfg.max_batch, cfg.max_queue, cfg.prompt_cache,
                     context)
     base_id = cfg.model if not Path(cfg.model).is_dir() else path.name

@@ -164,11 +164,12 @@ def eval_parts(model: nn.Module, kind: str, items: list[dict], batch_size: int, 
     total, count = 0.0, 0
     preds, golds = [], []
     lengths = [len(it["input_ids"]) for it in items]
+    net = step_module(model, kind)
     for idx in make_batches(len(items), lengths, batch_size, seed=0, epoch=0, shuffle=False):
         batch = {k: v.to(device) for k, v in collate([items[i] for i in idx], pad_id).items()}
         count += count_targets(kind, batch["labels"])
         if kind == "causal_lm":  # the labelled positions only; no grad: the loss alone
-            total += float(summed_loss(step_module(model, kind), kind, batch))
+            total += float(summed_loss(net, kind, batch))
             continue
         logits = model(**model_inputs(batch, kind)).logits
         total += float(loss_sum(kind, logits, batch["labels"]))

@@ -38,7 +38,7 @@ def test_threads_set_torch_for_the_server(llama_dir, llama_adapters):
 
 
 def test_torch_work_stays_on_the_engine_thread(llama_dir, llama_adapters, monkeypatch):
-    # One OpenMP pool in the process (lorakit.serve.server._in_passing_thread): the model loads on a thread that
+    # One OpenMP pool in the process (lorakit/serve/threads.py): the model loads on a thread that
     # has ended once build returns; loaders use 1 torch thread; the engine thread gets the configured count.
     import threading
 
