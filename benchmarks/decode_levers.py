@@ -1,4 +1,4 @@
-"""Batch-1 decoding levers on SmolLM2-135M-Instruct: what a static KV cache, torch.compile and int8 weights buy.
+"""Batch-1 decoding levers on SmolLM2-135M-Instruct: what a static KV cache, torch.compile, int8/int4 weights buy.
 
 Issue 10's single-stream target is >= 0.5x llama.cpp (99 tok/s measured here on the Q4_1 GGUF, 2 threads). At
 batch 1 a decode step reads every weight once (540 MB in fp32, 135 MB in int8) and runs ~2,000 small eager ops
@@ -9,7 +9,7 @@ nonzero B, `lorakit.load_adapter`):
     cache     dynamic (transformers' default DynamicCache, what `lorakit generate` and the server use today)
               static  (cache_implementation="static": fixed shapes, the precondition for compiling the step)
     compile   eager, or torch.compile(model.forward) (inductor, C++ kernels; needs a C compiler, gcc here)
-    weights   fp32, or int8 per-channel weight-only (`lorakit.quant.quantize_int8`, the server's --weights int8)
+    weights   fp32, or int8 per-channel / int4 per-32-group weight-only (`lorakit.quant`, the server's --weights)
 
 Every setting runs in a fresh process: load, (quantize), one warm-up generate (for compile: the compilation,
 reported separately), then greedy `--new_tokens` tokens; tokens/s is the median of `--rounds` timed generates in
@@ -36,8 +36,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from generate_speed import make_adapter  # noqa: E402  (LoRA r=8, random nonzero A and B)
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
-SETTINGS = [(a, c, comp, w) for a in ("base", "lora") for w in ("fp32", "int8")
-            for c, comp in (("dynamic", False), ("static", False), ("static", True))]
+WEIGHTS = ("fp32", "int8", "int4")
+CACHES = (("dynamic", False), ("static", False), ("static", True))
+
+
+def settings(weights: list[str], compile_rows: bool) -> list[tuple]:
+    return [(a, c, comp, w) for a in ("base", "lora") for w in weights for c, comp in CACHES
+            if compile_rows or not comp]
 
 
 def make_tiny(out: str) -> str:
@@ -57,7 +62,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from lorakit.quant import quantize_int8
+    from lorakit.quant import quantize
     from lorakit.train.tasks import load_model
 
     model = load_model(args.model_dir, "causal_lm", []).eval()
@@ -65,8 +70,7 @@ def worker(args: argparse.Namespace) -> None:
         from lorakit import load_adapter
 
         load_adapter(model, args.adapter)
-    if args.weights == "int8":
-        quantize_int8(model)
+    quantize(model, "dense" if args.weights == "fp32" else args.weights)
     if args.compile:
         model.forward = torch.compile(model.forward, dynamic=False)
     vocab = model.config.vocab_size
@@ -118,6 +122,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--quick", action="store_true", help="tiny random Llama, 8 tokens (a smoke test)")
+    p.add_argument("--formats", nargs="+", choices=WEIGHTS, default=list(WEIGHTS), help="weight formats to run")
+    p.add_argument("--no-compile", dest="compile_rows", action="store_false",
+                   help="skip the torch.compile rows (each compiles for 1-1.5 minutes)")
     for name in ("--worker", "--compile", "--tiny"):
         p.add_argument(name, action="store_true", help=argparse.SUPPRESS)
     for name, default in (("--model-dir", ""), ("--adapter", ""), ("--adapter-kind", "base"),
@@ -138,7 +145,7 @@ def main() -> None:
         adapter = os.path.join(work, "adapter")
         make_adapter(model_dir, adapter, targets=["q_proj", "v_proj"])
         results = []
-        for setting in SETTINGS:
+        for setting in settings(args.formats, args.compile_rows):
             res = run_setting(args, model_dir, adapter, setting)
             results.append({"adapter": setting[0], "cache": setting[1], "compile": setting[2],
                             "weights": setting[3], **res})
@@ -150,8 +157,8 @@ def main() -> None:
     print("| adapter | weights | cache | compile | tok/s | warm-up (compile) s | tokens = eager dynamic fp32 |")
     print("|---|---|---|---|---:|---:|---|")
     for r in results:
-        ref = next(x for x in results if x["adapter"] == r["adapter"] and x["weights"] == "fp32"
-                   and x["cache"] == "dynamic" and not x["compile"])
+        ref = next((x for x in results if x["adapter"] == r["adapter"] and x["weights"] == "fp32"
+                    and x["cache"] == "dynamic" and not x["compile"]), {})
         if "error" in r:
             print(f"| {r['adapter']} | {r['weights']} | {r['cache']} | {r['compile']} | failed: {r['error'][:80]} |||")
             continue

@@ -1,4 +1,4 @@
-"""How close `--dtype bf16` and `--weights int8` serve to the fp32 default, on SmolLM2 (not a timing).
+"""How close `--dtype bf16` and `--weights int8/int4` serve to the fp32 default, on SmolLM2 (not a timing).
 
 The server's own path (load_base, adapters installed by the registry, a mixed prefill, decode steps from the slot
 tables): E2E prompts, half the rows under LoRA adapters (q,v r=8, random nonzero B as in serve_load.py), greedy.
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-CONFIGS = [("bf16", "dense"), ("fp32", "int8"), ("bf16", "int8")]
+CONFIGS = [("bf16", "dense"), ("fp32", "int8"), ("bf16", "int8"), ("fp32", "int4")]
 
 
 def load(mdir: Path, root: Path, names: list[str], dtype: str, weights: str):

@@ -233,7 +233,8 @@ def main() -> None:
     ap.add_argument("--cell-seconds", type=float, default=120.0, help="stop issuing requests after this")
     ap.add_argument("--threads", type=int, default=2, help="torch threads, and llama.cpp's (default 2)")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="the server's --dtype")
-    ap.add_argument("--weights", default="dense", choices=["dense", "int8"], help="the server's --weights")
+    ap.add_argument("--weights", default="dense", choices=["dense", "int8", "int4"],
+                    help="the server's --weights")
     ap.add_argument("--rounds", type=int, default=1, help="repeat the server's cells, alternating (default 1)")
     ap.add_argument("--no-peft", dest="peft", action="store_false", help="skip baselines (b) and (c)")
     ap.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false", help="skip baseline (d)")
@@ -273,7 +274,7 @@ def run_grid(args, work: Path) -> list[dict]:
     srv = ThreadedServer(ServeConfig(model=mdir, adapters=str(root), port=free_port(),
                                      max_loaded=max(args.adapters), max_batch=max(args.concurrency),
                                      max_queue=4096, prompt_cache=0, dtype=args.dtype, weights=args.weights))
-    tag = f" [{args.dtype}{', int8 weights' if args.weights == 'int8' else ''}]"
+    tag = f" [{args.dtype}{'' if args.weights == 'dense' else f', {args.weights} weights'}]"
     rows: list[dict] = []
     bound = (args.requests, args.max_tokens, args.cell_seconds)
     try:

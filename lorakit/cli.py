@@ -242,8 +242,8 @@ def _add_generate_parser(sub) -> None:
                      help="apply the chat template (default: if the tokenizer has one and the run is not plain LM)")
     gen.add_argument("--batch_size", "--batch-size", type=int, default=8)
     gen.add_argument("--seed", type=int, default=0, help="sampling seed")
-    gen.add_argument("--weights", choices=["dense", "int8"], default="dense",
-                     help="int8: per-channel int8 base weights, LoRA unmerged (faster on CPU, see benchmarks)")
+    gen.add_argument("--weights", choices=["dense", "int8", "int4"], default="dense",
+                     help="int8 / int4: quantized base weights, LoRA unmerged (faster on CPU, see benchmarks)")
     gen.add_argument("--compile", action="store_true",
                      help="torch.compile the decode step with a static KV cache (60-90 s to compile; needs gcc)")
 

@@ -138,14 +138,16 @@ def load_for_generation(model: str | None = None, adapter: str | None = None,
     or a bare PEFT-layout LoRA directory. model: a directory or a bundled name; default the adapter's
     base, else smollm2. plain: the run was trained on plain "prompt ||" text (not chat), so prompts
     should be given that way. merge: fold the LoRA adapter into the weights (same outputs, base speed).
-    weights: "int8" quantizes the base's Linear weights per channel (`lorakit.quant`, LoRA kept unmerged in
-    fp32): 2.8x faster batch-1 decoding on SmolLM2 here, top-token agreement with fp32 98.8%.
+    weights: "int8" quantizes the base's Linear weights per channel, "int4" in groups of 32 (`lorakit.quant`, LoRA
+    kept unmerged in fp32): faster batch-1 decoding on SmolLM2 here (benchmarks/RESULTS.md), outputs close to fp32.
     """
-    if weights not in ("dense", "int8"):
-        raise LoraConfigError(f"weights={weights!r}: expected 'dense' or 'int8'")
-    if weights == "int8" and merge:
-        raise LoraConfigError("merge=True with weights='int8': an int8 base serves its adapter unmerged; drop one "
-                              "of them (--merge or --weights int8)")
+    from lorakit.quant import WEIGHTS, quantize
+
+    if weights not in WEIGHTS:
+        raise LoraConfigError(f"weights={weights!r}: expected one of {', '.join(WEIGHTS)}")
+    if weights != "dense" and merge:
+        raise LoraConfigError(f"merge=True with weights={weights!r}: a quantized base serves its adapter unmerged; "
+                              f"drop one of them (--merge or --weights {weights})")
     from pathlib import Path
 
     from lorakit.adapters import merge as merge_adapters
@@ -174,10 +176,7 @@ def load_for_generation(model: str | None = None, adapter: str | None = None,
             load_adapter(net, adapter)
     if merge:
         merge_adapters(net)
-    if weights == "int8":
-        from lorakit.quant import quantize_int8
-
-        quantize_int8(net)
+    quantize(net, weights)
     return net.eval(), tokenizer, plain
 
 

@@ -16,7 +16,7 @@ from .config import LoraConfig, matches
 from .embedding_conv import LoraConv, LoraEmbedding
 from .errors import AdapterNotFound, LoraConfigError, LoraStateError
 from .layers import LoraLinear, LoraModule, LoraSlicedLinear
-from .quant import Int8Linear
+from .quant import QUANTIZED
 from .saved import SavedModule
 from .transaction import all_or_nothing
 
@@ -45,7 +45,7 @@ def _conv1d_type() -> type | None:
 def layer_table() -> list[tuple[type, Callable[..., LoraModule]]]:
     """Base layer type -> LoRA constructor(base, fan_in_fan_out, slices). One line per layer type."""
     table: list[tuple[type, Callable[..., LoraModule]]] = [
-        ((nn.Linear, Int8Linear), lambda m, fifo, sl: _linear(m, False, sl)),
+        ((nn.Linear, *QUANTIZED), lambda m, fifo, sl: _linear(m, False, sl)),
         (nn.Embedding, lambda m, fifo, sl: LoraEmbedding(m)),
         ((nn.Conv1d, nn.Conv2d, nn.Conv3d), lambda m, fifo, sl: LoraConv(m)),
     ]
@@ -63,7 +63,7 @@ def _linear(base: nn.Module, fan_in_fan_out: bool, slices: list[bool] | None) ->
 
 def _is_linear(module: nn.Module) -> bool:
     conv1d = _conv1d_type()
-    return isinstance(module, (nn.Linear, Int8Linear)) or (conv1d is not None and isinstance(module, conv1d))
+    return isinstance(module, (nn.Linear, *QUANTIZED)) or (conv1d is not None and isinstance(module, conv1d))
 
 
 def _adaptable(module: nn.Module) -> bool:

@@ -164,7 +164,8 @@ class LoraModule(nn.Module):
         if not todo:
             return
         if not self.base_weight().is_floating_point():
-            raise LoraStateError("an int8 base layer (lorakit.quant) cannot take a merged adapter; serve it unmerged")
+            raise LoraStateError("a quantized base layer (int8/int4, lorakit.quant) cannot take a merged "
+                                 "adapter; serve it unmerged")
         if not self._unmerged:
             self._unmerged = (self.base_layer.weight,)
         w0 = self._unmerged[0]
@@ -238,6 +239,8 @@ class LoraLinear(LoraModule):
         shape = base_layer.weight.shape
         self.fan_in_fan_out = fan_in_fan_out
         self.out_features, self.in_features = (shape[1], shape[0]) if fan_in_fan_out else shape
+        if hasattr(base_layer, "in_features"):  # an int4 base (lorakit.quant) packs two weights a byte
+            self.out_features, self.in_features = base_layer.out_features, base_layer.in_features
 
     def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (r, self.in_features), (self.out_features, r)
@@ -265,7 +268,7 @@ class LoraLinear(LoraModule):
             return base(x)
         w = base.weight
         drops = {self.dropout[n] for n in self.active}
-        if len(drops) == 1 and w.is_floating_point():  # not on an int8 base (lorakit.quant)
+        if len(drops) == 1 and w.is_floating_point():  # not on a quantized base (lorakit.quant)
             A, B, s = self._stacked_factors()
             return lora_linear(x, w.t() if self.fan_in_fan_out else w, base.bias, A, B, s, drops.pop(),
                                self.training)

@@ -1,9 +1,19 @@
-"""Weight-only int8 for a frozen base (serving): per-output-channel symmetric int8 weights, LoRA left as it is.
+"""Weight-only int8 and int4 for a frozen base (serving), LoRA left as it is.
+
+int8, per output channel, symmetric:
 
     s[o] = max_c |W[o, c]| / 127,   q[o, c] = round(W[o, c] / s[o]) ∈ [-127, 127],   so |W - q·s| ≤ s/2
     y = x·Wᵀ + b  ≈  (x·qᵀ)·s + b
 
-The matmul runs in bf16 (the int8 weights are exact in it); the layer's input and output keep their dtype, and a
+int4, per group of 32 inputs of one output channel, asymmetric (min/max; the layout of GGUF's Q4_1):
+
+    d = (max - min) / 15,   z = min + 8·d,   q = round((W - z) / d) + 8 ∈ [0, 15],   W ≈ (q - 8)·d + z
+
+SmolLM2's GGUF file stores every block Linear as Q4_1 (blocks of 32 along the input, w = d·q + m), so int4 finds
+those 4-bit values again: the only loss against the converted fp32 model is d and z rounded to bf16 (torch's
+kernel takes them so). Its LM head (the tied Q8_0 embedding) stays int8 under `weights="int4"`.
+
+The matmuls run in bf16 (the integer weights are exact in it); the layer's input and output keep their dtype, and a
 LoRA layer wrapping it keeps its fp32 factors, unmerged. A quantized layer is for inference only: it holds no
 Parameters, it cannot be merged into (`merge` refuses) and no gradient flows through it.
 """
@@ -14,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import LoraStateError
+from .errors import LoraConfigError, LoraStateError
 from .layers import LoraModule
 
 # Rows up to this many take torch's int8 GEMV kernel (`_weight_int8pack_mm`, the one gpt-fast uses on CPU); more
@@ -81,13 +91,9 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
 
 
-def quantize_int8(model: nn.Module, skip: tuple[str, ...] = _SKIP) -> int:
-    """Swap every plain nn.Linear of `model` (also the base layer inside a LoRA wrapper) for an Int8Linear, in
-    place; returns how many. Modules whose path has a part in `skip` (classification heads) stay dense.
-
-    Serving only, before the model serves: LoRA adapters added later wrap the Int8Linear as they wrap a Linear.
-    Refused (LoraStateError, nothing changed) while an adapter is merged into a layer it would quantize.
-    """
+def _linears(model: nn.Module, skip: tuple[str, ...]) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, attribute, layer) for every plain nn.Linear outside `skip`; refused (LoraStateError) while an
+    adapter is merged into one of them."""
     todo = []
     for name, module in model.named_modules():
         for child_name, child in module.named_children():
@@ -95,9 +101,103 @@ def quantize_int8(model: nn.Module, skip: tuple[str, ...] = _SKIP) -> int:
             if type(child) is nn.Linear and not set(path.split(".")) & set(skip):
                 if isinstance(module, LoraModule) and module.merged:
                     raise LoraStateError(f"{name}: adapters {module.merged} are merged into its weight; call "
-                                         "unmerge(model) before quantizing (int8 serves LoRA unmerged)")
+                                         "unmerge(model) before quantizing (quantized bases serve LoRA unmerged)")
                 todo.append((module, child_name, child))
+    return todo
+
+
+def quantize_int8(model: nn.Module, skip: tuple[str, ...] = _SKIP) -> int:
+    """Swap every plain nn.Linear of `model` (also the base layer inside a LoRA wrapper) for an Int8Linear, in
+    place; returns how many. Modules whose path has a part in `skip` (classification heads) stay dense.
+
+    Serving only, before the model serves: LoRA adapters added later wrap the Int8Linear as they wrap a Linear.
+    Refused (LoraStateError, nothing changed) while an adapter is merged into a layer it would quantize.
+    """
+    todo = _linears(model, skip)
     with torch.no_grad():
         for module, child_name, child in todo:
             setattr(module, child_name, Int8Linear.from_linear(child))
     return len(todo)
+
+
+# -- int4 ------------------------------------------------------------------------------------------------------
+GROUP = 32  # inputs per (d, z) pair: Q4_1's block size
+# Measured (/tmp-style microbenchmark recorded in benchmarks/RESULTS.md, 2026-12-01): SmolLM2's 211 Linear shapes at
+# one row, weights out of cache, 2 threads, ms per pass: int8 kernel 11.4, int4 kernel 6.1, bf16 F.linear 18.9.
+
+
+def int4_weight(w: Tensor, group: int = GROUP) -> tuple[Tensor, Tensor]:
+    """(q, dz): q (out, in) int32 in [0, 15] and dz (in/group, out, 2) bf16 holding (d, z) per group, so that
+    w ≈ (q - 8)·d + z, q computed against the bf16 d and z: |w - (q - 8)·d - z| ≤ d/2 + |Δz| + 15·|Δd|, where Δ is
+    what rounding (max - min)/15 and min + 8·d to bf16 changed (2⁻⁹ of each, relative)."""
+    out_f, in_f = w.shape
+    g = w.detach().float().view(out_f, in_f // group, group)
+    lo, hi = g.amin(-1), g.amax(-1)
+    d = ((hi - lo) / 15).clamp(min=torch.finfo(torch.bfloat16).tiny).to(torch.bfloat16)  # a constant group: d > 0
+    z = (lo + 8 * d.float()).to(torch.bfloat16)
+    q = torch.round((g - z.float()[..., None]) / d.float()[..., None]) + 8
+    q = q.clamp_(0, 15).to(torch.int32).view(out_f, in_f)
+    return q, torch.stack([d, z], -1).transpose(0, 1).contiguous()
+
+
+class Int4Linear(nn.Module):
+    """An nn.Linear with int4 weights in groups of 32 inputs: y = x·((q - 8)·d + z)ᵀ + b, computed in bf16 by
+    torch's CPU kernel (`_weight_int4pack_mm_for_cpu`), returned in x's dtype.
+
+    `weight` is the kernel's packed layout (uint8, two values a byte), `dz` the (d, z) pairs; `bias` keeps its
+    dtype. Needs in_features divisible by 32 and out_features by 16 (`quantize_int4` keeps others int8).
+    """
+
+    def __init__(self, q: Tensor, dz: Tensor, bias: Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("weight", torch._convert_weight_to_int4pack_for_cpu(q, 2))
+        self.register_buffer("dz", dz)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @classmethod
+    def from_linear(cls, layer: nn.Linear) -> Int4Linear:
+        return cls(*int4_weight(layer.weight), layer.bias)
+
+    @staticmethod
+    def fits(layer: nn.Linear) -> bool:
+        """The kernel's shapes: whole groups of inputs, outputs in multiples of 16."""
+        return layer.in_features % GROUP == 0 and layer.out_features % 16 == 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()  # the kernel refuses strided input
+        y = torch._weight_int4pack_mm_for_cpu(x2, self.weight, GROUP, self.dz)
+        if self.bias is not None:
+            y = y.float() + self.bias
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {GROUP}"
+
+
+def quantize_int4(model: nn.Module, skip: tuple[str, ...] = _SKIP) -> int:
+    """Like `quantize_int8`, with Int4Linear layers; the output head (`get_output_embeddings`) and any Linear the
+    int4 kernel cannot take (`Int4Linear.fits`) become Int8Linear. Returns how many layers went int4."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    todo = _linears(model, skip)
+    n = 0
+    with torch.no_grad():
+        for module, child_name, child in todo:
+            four = child is not head and Int4Linear.fits(child)
+            setattr(module, child_name, (Int4Linear if four else Int8Linear).from_linear(child))
+            n += four
+    return n
+
+
+WEIGHTS = ("dense", "int8", "int4")
+QUANTIZED = (Int8Linear, Int4Linear)  # the base-layer types LoRA wraps like an nn.Linear
+
+
+def quantize(model: nn.Module, weights: str) -> None:
+    """Apply a `--weights` choice (WEIGHTS) to a model about to serve; "dense" leaves it as it is."""
+    if weights not in WEIGHTS:
+        raise LoraConfigError(f"weights={weights!r}: expected one of {', '.join(WEIGHTS)}")
+    if weights == "int8":
+        quantize_int8(model)
+    elif weights == "int4":
+        quantize_int4(model)

@@ -110,15 +110,17 @@ def test_static_cache_and_a_compiled_step_give_the_dynamic_cache_tokens(adapted,
         torch._dynamo.reset()
 
 
-def test_int8_weights_for_generation_and_refused_with_merge(base, adapted, tmp_path):
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_quantized_weights_for_generation_and_refused_with_merge(base, adapted, tmp_path, weights):
     from lorakit import LoraConfigError
-    from lorakit.quant import Int8Linear
+    from lorakit.quant import Int4Linear, Int8Linear
 
     tok_dir = tmp_path / "base"
     base.save_pretrained(tok_dir)
     bpe_tokenizer().save_pretrained(tok_dir)
-    net, _, _ = load_for_generation(str(tok_dir), adapted[1], weights="int8")
-    layers = [m for m in net.modules() if isinstance(m, Int8Linear)]
-    assert layers and all(m.weight.dtype == torch.int8 for m in layers)
-    with pytest.raises(LoraConfigError, match="--merge or --weights int8"):
-        load_for_generation(str(tok_dir), adapted[1], merge=True, weights="int8")
+    net, _, _ = load_for_generation(str(tok_dir), adapted[1], weights=weights)
+    kind, dtype = (Int8Linear, torch.int8) if weights == "int8" else (Int4Linear, torch.uint8)
+    layers = [m for m in net.modules() if isinstance(m, kind)]
+    assert layers and all(m.weight.dtype == dtype for m in layers)
+    with pytest.raises(LoraConfigError, match=f"--merge or --weights {weights}"):
+        load_for_generation(str(tok_dir), adapted[1], merge=True, weights=weights)

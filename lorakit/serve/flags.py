@@ -21,9 +21,10 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="the base's weights and activations; fp32 (the model's own) makes greedy output equal PEFT's; "
                         "LoRA adapters stay fp32 on a 16-bit base")
-    p.add_argument("--weights", default="dense", choices=["dense", "int8"],
-                   help="int8: the base's Linear weights as per-channel int8 (matmuls in bf16), LoRA unquantized; "
-                        "faster decoding at small batches, outputs close to but not equal to fp32 (default dense)")
+    p.add_argument("--weights", default="dense", choices=["dense", "int8", "int4"],
+                   help="int8: the base's Linear weights as per-channel int8; int4: in groups of 32 (GGUF Q4_1's "
+                        "layout), the LM head int8 (matmuls in bf16, LoRA unquantized); faster decoding at small "
+                        "batches, outputs close to but not equal to fp32 (default dense)")
     p.add_argument("--allow-outside-paths", dest="allow_outside_paths", action="store_true",
                    help="let /v1/load_lora_adapter read directories outside ADAPTERS_DIR")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default 600)")

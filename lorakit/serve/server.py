@@ -18,7 +18,7 @@ import uvicorn
 from safetensors import safe_open
 
 from lorakit.errors import LoraConfigError
-from lorakit.quant import quantize_int8
+from lorakit.quant import WEIGHTS, quantize
 
 from .api import Server, Settings, create_app
 from .engine import Engine
@@ -43,7 +43,7 @@ class ServeConfig:
     port: int = 8000
     api_key: str | None = None
     dtype: str = "fp32"  # the base's weights; fp32 = the model's own, so greedy equals PEFT's
-    weights: str = "dense"  # "int8": the base's Linear weights quantized per channel at load (lorakit.quant)
+    weights: str = "dense"  # "int8" / "int4": the base's Linear weights quantized at load (lorakit.quant)
     allow_outside_paths: bool = False  # let load_lora_adapter read outside ADAPTERS_DIR
     timeout: float = 600.0  # seconds per request
     max_tokens: int = 2048  # the most tokens one request may ask for
@@ -82,15 +82,16 @@ def _head_size(root: Path) -> int | None:
 
 def load_base(path: Path, adapters: Path, dtype: str = "fp32", weights: str = "dense"):
     """(model, tokenizer, kind, max_context) for the base in `path`; kind is 'causal_lm' or 'encoder'.
-    weights="int8" quantizes its Linear layers (heads that adapters replace excepted) before anything serves."""
+    weights="int8"/"int4" quantizes its Linear layers (heads that adapters replace excepted; lorakit.quant) before
+    anything serves."""
     import transformers as tf
     from transformers.utils import logging
 
     logging.set_verbosity_error()
     if dtype not in _DTYPES:
         raise LoraConfigError(f"--dtype {dtype!r}: expected one of {sorted(_DTYPES)}")
-    if weights not in ("dense", "int8"):
-        raise LoraConfigError(f"--weights {weights!r}: expected 'dense' or 'int8'")
+    if weights not in WEIGHTS:
+        raise LoraConfigError(f"--weights {weights!r}: expected one of {', '.join(WEIGHTS)}")
     config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     kind = "encoder" if config.get("model_type") in _ENCODERS else "causal_lm"
     torch.manual_seed(0)  # an encoder's base head is random: the same on every replica
@@ -105,8 +106,7 @@ def load_base(path: Path, adapters: Path, dtype: str = "fp32", weights: str = "d
     tokenizer.padding_side = "right"  # for embeddings/classify; generation pads itself, on the left
     for p in model.parameters():
         p.requires_grad_(False)
-    if weights == "int8":
-        quantize_int8(model)
+    quantize(model, weights)
     limit = config.get("max_position_embeddings") or config.get("n_positions") or 2048
     return model.eval(), tokenizer, kind, int(limit)
 
