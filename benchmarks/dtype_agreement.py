@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-CONFIGS = [("bf16", "dense"), ("fp32", "int8"), ("bf16", "int8"), ("fp32", "int4")]
+CONFIGS = [("bf16", "dense"), ("fp32", "int8"), ("bf16", "int8"), ("fp32", "int4"), ("bf16", "int4")]
 
 
 def load(mdir: Path, root: Path, names: list[str], dtype: str, weights: str):

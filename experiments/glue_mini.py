@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from experiments.recipes import RECIPES, recipe, tuned_lrs
-from experiments.runner import Experiment, Spec, markdown_table, mean_std, method_table, write_text
+from experiments.runner import Experiment, Spec, machines_text, markdown_table, mean_std, method_table, write_text
 
 TASKS = ("sst2", "rte")
 SEEDS = 3
@@ -33,6 +33,7 @@ def report(results: list[dict], out: Path, quick: bool) -> list[Path]:
                                                  and x["meta"]["task"] == t]) for t in TASKS]
                for r in results if r["meta"]["task"] == TASKS[0] and r["seed"] == 0]
     text += ["\n## side by side (accuracy)\n\n", markdown_table(["method", *TASKS], compact)]
+    text.append(machines_text(results))
     return [write_text(out / "glue_mini.md", "".join(text), quick)]
 
 

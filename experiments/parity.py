@@ -17,6 +17,7 @@ from experiments.runner import (
     Experiment,
     Spec,
     group_rows,
+    machines_text,
     markdown_table,
     mean_std,
     memory_text,
@@ -91,6 +92,7 @@ def report(results: list[dict], out: Path, quick: bool) -> list[Path]:
             "\n## recipes (B lr ×: LoRA+'s lora_plus_ratio)\n\n", recipes]
     if reused:
         text.append(f"\nReused from sibling experiments (trained and timed when those ran): {', '.join(reused)}.\n")
+    text.append(machines_text(results))
     text.append("\nFigure: parity.png\n")
     return [write_text(out / "parity.md", "".join(text), quick), figure]
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -154,7 +155,7 @@ def run_experiment(exp: Experiment, out: str | Path, quick: bool = False, model:
         summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
         row = {"name": spec.name, "group": spec.group, "seed": spec.seed, "meta": spec.meta,
                "config": config.to_dict(), "summary": summary, "wall_s": wall, "in_process": in_process,
-               "quick": quick}
+               "quick": quick, "cpu": cpu_name()}
         with open(out / RESULTS, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         log(f"  [{i}/{len(todo)}] {spec.name}: {summary['metric_name']} {summary['metric']:.4f}, {wall:.0f} s")
@@ -220,11 +221,33 @@ def method_table(results: list[dict]) -> str:
                            "seeds"], rows)
 
 
+def cpu_name() -> str:
+    """The CPU model (train times from different machines do not compare; sessions may land on different VMs)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machines_text(results: list[dict]) -> str:
+    """A line naming the CPUs the runs trained on, with counts (rows from before `cpu` was recorded: unrecorded)."""
+    counts: dict[str, int] = {}
+    for r in results:
+        cpu = r.get("cpu") or "unrecorded"
+        counts[cpu] = counts.get(cpu, 0) + 1
+    return "\nTrained on: " + "; ".join(f"{cpu} ({n} runs)" for cpu, n in counts.items()) + \
+        (". Train times compare only within one CPU.\n" if len(counts) > 1 else ".\n")
+
+
 def write_text(path: Path, text: str, quick: bool) -> Path:
     note = ("> **--quick smoke run**: a few steps on a tiny slice; these numbers measure nothing.\n\n" if quick else "")
     path.write_text(note + text, encoding="utf-8")
     return path
 
 
-__all__ = ["Experiment", "QUICK", "Spec", "build_config", "group_rows", "markdown_table", "mean_std", "memory_text",
-           "method_table", "read_results", "run_experiment", "train_seconds", "trainable_text", "write_text"]
+__all__ = ["Experiment", "QUICK", "Spec", "build_config", "cpu_name", "group_rows", "machines_text",
+           "markdown_table", "mean_std", "memory_text", "method_table", "read_results", "run_experiment",
+           "train_seconds", "trainable_text", "write_text"]

@@ -27,21 +27,19 @@ from torch import Tensor, nn
 from .errors import LoraConfigError, LoraStateError
 from .layers import LoraModule
 
-# Rows up to this many take torch's int8 GEMV kernel (`_weight_int8pack_mm`, the one gpt-fast uses on CPU); more
-# rows run one bf16 GEMM of the int8 weights (exact in bf16). Both scale by the fp32 s after. Measured with
-# benchmarks/int8_matmul.py (to be re-measured on a quiet machine): SmolLM2-135M's 211 Linear shapes in turn, weights
-# out of cache as in a decode step, one thread on the shared busy 2-core machine, ms per pass, two runs:
-#   rows | fp32 F.linear | bf16 F.linear | int8 kernel | int8 → bf16 GEMM
-#     1  |   97-99       |   80-84       |   42-44     |  145-149
-#     8  |  160-161      |   99-102      |   99-110    |  160-161
-#    16  |  207-209      |  120-125      |  174-175    |  183-230
-#    32  |  304-310      |  168-175      |  330-343    |  245-253
-#    64  |  491-502      |  257-262      |  647-653    |  348-355
-# The kernel also takes fp32 inputs but ran ~10x slower with them (727 vs 52 µs for one 576→1536 row), so inputs go
-# through bf16. One 576→1536 layer (cache-resident), µs, 1 row / 32 rows: fp32 73 / 696, bf16 92 / 331, int8 kernel
-# 58 / 795, int8 → bf16 GEMM 226 / 459. So int8 pays at decode with few rows (a single stream: ~2.2x less time in
-# the matmuls than fp32); from ~8 rows on `--dtype bf16` with dense weights is the faster choice.
-GEMV_ROWS = 16
+# int8 runs torch's int8 kernel (`_weight_int8pack_mm`, the one gpt-fast uses on CPU) at every row count, with
+# inputs in bf16 (its fp32-input path ran ~10x slower: 727 vs 52 µs for one 576→1536 row), and scales by the fp32 s
+# after. An earlier measurement on a busy machine (1 thread) had a bf16 GEMM of the int8 weights winning from 17 rows
+# on; quiet, with 2 threads (benchmarks/quant_matmul.py 2, 2026-12-01, SmolLM2's 211 Linear shapes in turn, out of
+# cache, ms per pass) the kernel wins at every size measured:
+#   rows | fp32 F.linear | bf16 F.linear | int8 kernel | int8 → bf16 GEMM | int4 layer (LM head int8)
+#     1  |     19.6      |     20.2      |    12.8     |       44.5       |    10.9
+#     8  |     44.1      |     70.9      |    31.0     |      110.0       |    25.4
+#    16  |     47.2      |    108.9      |    53.1     |      143.2       |    44.2
+#    32  |     55.6      |    180.1      |    91.2     |      221.0       |   115.3
+#    64  |     90.2      |    325.8      |   168.4     |      388.2       |   194.3
+# So int8 and int4 pay for decoding with few rows (a single stream: 1.8x less time in the matmuls than fp32); from
+# ~16 rows dense fp32 is the faster choice, which is why quantized weights are opt-in.
 _SKIP = ("classifier", "score", "qa_outputs")  # heads adapters replace (modules_to_save): kept dense
 
 
@@ -78,8 +76,8 @@ class Int8Linear(nn.Module):
         x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # (N, in)
         # Both paths compute x·qᵀ (q is exact in bf16, the sums in fp32, rounded once to bf16), then ·s in fp32:
         # the kernel's own scale argument would round s to bf16, so it gets ones.
-        if x2.shape[0] <= GEMV_ROWS and self.in_features % 16 == 0:  # the kernel (torch 2.13) returned garbage or
-            # crashed for in_features not a multiple of 16 (5, 8, 33, 40 tried)
+        if self.in_features % 16 == 0:  # the kernel (torch 2.13) returned garbage or crashed for in_features not a
+            # multiple of 16 (5, 8, 33, 40 tried)
             y = torch._weight_int8pack_mm(x2, self.weight, self._ones) * self.scale  # bf16 · fp32 -> fp32
         else:
             y = F.linear(x2, self.weight.to(torch.bfloat16)) * self.scale
@@ -122,8 +120,7 @@ def quantize_int8(model: nn.Module, skip: tuple[str, ...] = _SKIP) -> int:
 
 # -- int4 ------------------------------------------------------------------------------------------------------
 GROUP = 32  # inputs per (d, z) pair: Q4_1's block size
-# Measured (/tmp-style microbenchmark recorded in benchmarks/RESULTS.md, 2026-12-01): SmolLM2's 211 Linear shapes at
-# one row, weights out of cache, 2 threads, ms per pass: int8 kernel 11.4, int4 kernel 6.1, bf16 F.linear 18.9.
+# One kernel at every row count (the table above, int4 column): no dequantized fallback beats it.
 
 
 def int4_weight(w: Tensor, group: int = GROUP) -> tuple[Tensor, Tensor]:

@@ -1,14 +1,16 @@
-"""int8 weight-only matmul on CPU: torch's int8 kernel or a bf16 GEMM of the int8 weights, against fp32 and bf16
-dense weights. What `lorakit.quant.Int8Linear` chooses by (its comment holds the numbers).
+"""Weight-only int8 and int4 matmuls on CPU: torch's int8 kernel or a bf16 GEMM of the int8 weights, and the int4
+layer, against fp32 and bf16 dense weights. What `lorakit.quant` chooses by (its comments hold the numbers).
 
 Two measurements, one thread, medians:
   layer   one 576→1536 Linear (SmolLM2's up/gate projection) at 1 and 32 rows, µs per call (cache-resident)
   pass    every Linear shape of SmolLM2-135M once (30 blocks × 7 + the 49152×576 LM head, 135 M weights, 540 MB in
           fp32), in turn, as a decode step reads them (out of cache), at 1, 8, 16, 32 and 64 rows, ms per pass
 Paths: fp32 / bf16 = F.linear on dense weights; int8 kernel = torch._weight_int8pack_mm (input in bf16, fp32 scale
-applied after); int8→bf16 = F.linear(x in bf16, q in bf16), scale applied after.
+applied after); int8→bf16 = F.linear(x in bf16, q in bf16), scale applied after; int4 layer = lorakit.quant.Int4Linear
+as `--weights int4` builds it (groups of 32, torch._weight_int4pack_mm_for_cpu; the LM head an Int8Linear).
 
-    python benchmarks/int8_matmul.py                  # ~2 minutes on one quiet core
+    python benchmarks/quant_matmul.py                 # one thread, ~2 minutes on a quiet machine
+    python benchmarks/quant_matmul.py 2               # two threads
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from lorakit.quant import Int4Linear, Int8Linear, int4_weight
 
 SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)] * 30 + [(49152, 576)]
 
@@ -33,6 +37,8 @@ def paths(weights):
     dense = weights
     bf16 = [w.to(torch.bfloat16) for w in weights]
     q = [(*int8(w), torch.ones(w.shape[0], dtype=torch.bfloat16)) for w in weights]
+    head = (49152, 576)  # quantize_int4 keeps the LM head int8
+    q4 = [Int8Linear(*int8(w), None) if tuple(w.shape) == head else Int4Linear(*int4_weight(w), None) for w in weights]
     return {
         "fp32": lambda xs: [F.linear(xs[w.shape[1]], w) for w in dense],
         "bf16": lambda xs: [F.linear(xs[w.shape[1]].to(torch.bfloat16), w) for w in bf16],
@@ -40,6 +46,7 @@ def paths(weights):
                                    for w, s, one in q],
         "int8→bf16": lambda xs: [F.linear(xs[w.shape[1]].to(torch.bfloat16), w.to(torch.bfloat16)).float() * s
                                  for w, s, _ in q],
+        "int4 layer": lambda xs: [m(xs[m.in_features]) for m in q4],
     }
 
 
