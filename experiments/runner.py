@@ -238,7 +238,7 @@ def machines_text(results: list[dict]) -> str:
     for r in results:
         cpu = r.get("cpu") or "unrecorded"
         counts[cpu] = counts.get(cpu, 0) + 1
-    return "\nTrained on: " + "; ".join(f"{cpu} ({n} runs)" for cpu, n in counts.items()) + \
+    return "\nTrained on: " + "; ".join(f"{cpu} ({n} run{'s' * (n != 1)})" for cpu, n in counts.items()) + \
         (". Train times compare only within one CPU.\n" if len(counts) > 1 else ".\n")
 
 

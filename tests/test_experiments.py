@@ -91,6 +91,16 @@ def test_a_run_in_its_own_process_records_its_own_peak_memory(tiny_bert_dir, tmp
     (row,) = read_results(tmp_path)
     assert not row["in_process"] and row["summary"]["memory_kind"] == "peak RSS" and row["summary"]["steps"] == 2
     assert "(runner)" not in method_table([row])
+    cpus = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+    assert row["cpu"] == cpus[0]  # train times compare only within one CPU; sessions may land on other VMs
+
+
+def test_reports_name_the_cpus_their_runs_trained_on():
+    from experiments.runner import machines_text
+
+    assert machines_text([{"cpu": "A"}, {"cpu": "A"}]).strip() == "Trained on: A (2 runs)."
+    mixed = machines_text([{"cpu": "A"}, {}, {"cpu": "B"}])
+    assert "A (1 run); unrecorded (1 run); B (1 run)" in mixed and "compare only within one CPU" in mixed
 
 
 def test_lr_sweep_report_picks_the_best_lr_per_method_and_draws_its_curves(tmp_path):
