@@ -177,6 +177,10 @@ def quantize_int4(model: nn.Module, skip: tuple[str, ...] = _SKIP) -> int:
     int4 kernel cannot take (`Int4Linear.fits`) become Int8Linear. Returns how many layers went int4."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     todo = _linears(model, skip)
+    devices = {str(child.weight.device) for _, _, child in todo} - {"cpu"}
+    if devices:
+        raise LoraConfigError(f"weights='int4': Linear layers on {sorted(devices)}; the int4 kernel here is torch's "
+                              "CPU one (_weight_int4pack_mm_for_cpu). Move the model to the CPU first, or use int8")
     n = 0
     with torch.no_grad():
         for module, child_name, child in todo:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lorakit import LoraConfig, LoraStateError, adapter_rows, inject, load_adapter, merge, save_adapter
-from lorakit.errors import AdapterFileError
+from lorakit.errors import AdapterFileError, LoraConfigError
 from lorakit.quant import (
     GROUP,
     Int4Linear,
@@ -197,8 +197,13 @@ def test_quantize_int4_keeps_the_lm_head_and_ungrouped_layers_int8():
     odd = torch.nn.ModuleList([torch.nn.Linear(40, 64), torch.nn.Linear(64, 8), torch.nn.Linear(64, 16)])
     assert quantize_int4(odd) == 1  # in_features 40 and out_features 8 do not fit the int4 kernel
     assert [type(m) for m in odd] == [Int8Linear, Int8Linear, Int4Linear]
-    with pytest.raises(Exception, match="int2"):
+    with pytest.raises(LoraConfigError, match="int2"):
         quantize(odd, "int2")
+    meta = torch.nn.Linear(64, 16, device="meta")  # any non-CPU device: refused before anything changes
+    holder = torch.nn.ModuleList([meta])
+    with pytest.raises(LoraConfigError, match="CPU"):
+        quantize_int4(holder)
+    assert holder[0] is meta
 
 
 def test_int4_refinds_smollm2s_own_4_bit_weights_and_the_quantized_model_still_answers(smollm2):
