@@ -116,10 +116,15 @@ def finished_elsewhere(config: TrainConfig, out: Path) -> dict | None:
 
 
 def run_experiment(exp: Experiment, out: str | Path, quick: bool = False, model: str | None = None,
-                   seeds: int | None = None, in_process: bool | None = None, log=print) -> list[Path]:
-    """Train every run of `exp` not yet in OUT/results.jsonl, then write the tables and figures; their paths."""
+                   seeds: int | None = None, in_process: bool | None = None, log=print,
+                   report_only: bool = False) -> list[Path]:
+    """Train every run of `exp` not yet in OUT/results.jsonl, then write the tables and figures; their paths.
+    report_only: train nothing; write them from the runs already finished (an interim report, marked as such)."""
     out = Path(out)
     if exp.run is not None:
+        if report_only:
+            raise LoraConfigError(f"experiment {exp.name}: --report is not available (its script writes its tables "
+                                  "as each row finishes)")
         return exp.run(out, quick, model, seeds, log)
     in_process = quick if in_process is None else in_process
     specs = exp.specs(quick, seeds, out)
@@ -132,6 +137,11 @@ def run_experiment(exp: Experiment, out: str | Path, quick: bool = False, model:
     done = {r["name"] for r in read_results(out)}
     todo = [s for s in specs if s.name not in done]
     log(f"experiment {exp.name}: {len(specs)} runs, {len(specs) - len(todo)} already done; results in {out}")
+    missing = len(todo)
+    if report_only:
+        todo = []
+        if missing == len(specs):
+            raise LoraConfigError(f"experiment {exp.name}: no finished runs in {out} to report on")
     for i, spec in enumerate(todo, 1):
         config = configs[spec.name]
         twin = finished_elsewhere(config, out)
@@ -167,6 +177,11 @@ def run_experiment(exp: Experiment, out: str | Path, quick: bool = False, model:
         written = exp.report(results, out, quick)
     finally:
         torch.set_num_threads(threads)
+    if report_only and missing:
+        for path in (p for p in written if p.suffix == ".md"):
+            path.write_text(f"> **Interim report**: {len(specs) - missing} of {len(specs)} runs finished; "
+                            f"`lorakit experiment {exp.name}` trains the rest.\n\n" + path.read_text(encoding="utf-8"),
+                            encoding="utf-8")
     for path in written:
         log(f"  wrote {path}")
     return written

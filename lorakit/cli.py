@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", default=None, help="output directory (default: runs/experiments/NAME)")
     ex.add_argument("--model", default=None, help="base model directory instead of the experiment's (MiniLM, SmolLM2)")
     ex.add_argument("--seeds", type=int, default=None, help="seeds per configuration (default: the experiment's)")
+    ex.add_argument("--report", action="store_true",
+                    help="train nothing: write the tables and figures from the runs already finished (interim)")
     from lorakit.serve.flags import add_serve_flags
 
     add_serve_flags(sub.add_parser("serve", help="OpenAI-compatible server: one base, many adapters per request"))
@@ -181,7 +183,8 @@ def _cmd_experiment(args: argparse.Namespace) -> None:
     if args.name not in EXPERIMENTS:
         raise DataError(f"experiment {args.name!r}: expected one of {', '.join(EXPERIMENTS)}")
     out = args.out or str(Path("runs") / "experiments" / (args.name + ("-quick" if args.quick else "")))
-    run_experiment(EXPERIMENTS[args.name], out, quick=args.quick, model=args.model, seeds=args.seeds)
+    run_experiment(EXPERIMENTS[args.name], out, quick=args.quick, model=args.model, seeds=args.seeds,
+                   report_only=args.report)
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:

@@ -195,3 +195,23 @@ def test_experiment_help_names_every_experiment(capsys):
         main(["experiment", "--help"])
     squashed = "".join(capsys.readouterr().out.split())  # argparse wraps the help, also at hyphens
     assert all(name in squashed for name in EXPERIMENTS)
+
+
+def test_report_only_writes_an_interim_report_from_the_finished_runs_and_trains_nothing(tiny_bert_dir, tmp_path):
+    from experiments.runner import Experiment, Spec, method_table, write_text
+
+    def report(results, out, quick):
+        return [write_text(out / "t.md", method_table(results), quick)]
+
+    one = [Spec("head", "head", {"method": "head"})]
+    two = one + [Spec("bitfit", "bitfit", {"method": "bitfit"})]
+    run_experiment(Experiment("t", "", lambda q, s, o: one, report), tmp_path, quick=True, model=tiny_bert_dir,
+                   log=lambda *_: None)
+    (path,) = run_experiment(Experiment("t", "", lambda q, s, o: two, report), tmp_path, quick=True,
+                             model=tiny_bert_dir, log=lambda *_: None, report_only=True)
+    assert [r["name"] for r in read_results(tmp_path)] == ["head"]  # bitfit was not trained
+    text = path.read_text()
+    assert text.startswith("> **Interim report**: 1 of 2 runs finished") and "| head |" in text
+    with pytest.raises(LoraConfigError, match="no finished runs"):
+        run_experiment(Experiment("t", "", lambda q, s, o: two, report), tmp_path / "empty", quick=True,
+                       model=tiny_bert_dir, log=lambda *_: None, report_only=True)
