@@ -22,23 +22,19 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lorakit.quant import Int4Linear, Int8Linear, int4_weight
+from lorakit.quant import Int4Linear, Int8Linear, int4_weight, int8_weight
 
 SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)] * 30 + [(49152, 576)]
-
-
-def int8(w):
-    s = w.abs().amax(1) / 127
-    return torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8), s
 
 
 def paths(weights):
     """name -> fn(x fp32 (rows, in) by in-size) running every weight once."""
     dense = weights
     bf16 = [w.to(torch.bfloat16) for w in weights]
-    q = [(*int8(w), torch.ones(w.shape[0], dtype=torch.bfloat16)) for w in weights]
+    q = [(*int8_weight(w), torch.ones(w.shape[0], dtype=torch.bfloat16)) for w in weights]
     head = (49152, 576)  # quantize_int4 keeps the LM head int8
-    q4 = [Int8Linear(*int8(w), None) if tuple(w.shape) == head else Int4Linear(*int4_weight(w), None) for w in weights]
+    q4 = [Int8Linear(*int8_weight(w), None) if tuple(w.shape) == head else Int4Linear(*int4_weight(w), None)
+          for w in weights]
     return {
         "fp32": lambda xs: [F.linear(xs[w.shape[1]], w) for w in dense],
         "bf16": lambda xs: [F.linear(xs[w.shape[1]].to(torch.bfloat16), w) for w in bf16],

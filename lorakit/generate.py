@@ -141,10 +141,9 @@ def load_for_generation(model: str | None = None, adapter: str | None = None,
     weights: "int8" quantizes the base's Linear weights per channel, "int4" in groups of 32 (`lorakit.quant`, LoRA
     kept unmerged in fp32): faster batch-1 decoding on SmolLM2 here (benchmarks/RESULTS.md), outputs close to fp32.
     """
-    from lorakit.quant import WEIGHTS, quantize
+    from lorakit.quant import check_weights, quantize
 
-    if weights not in WEIGHTS:
-        raise LoraConfigError(f"weights={weights!r}: expected one of {', '.join(WEIGHTS)}")
+    check_weights(weights)
     if weights != "dense" and merge:
         raise LoraConfigError(f"merge=True with weights={weights!r}: a quantized base serves its adapter unmerged; "
                               f"drop one of them (--merge or --weights {weights})")

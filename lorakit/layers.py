@@ -236,11 +236,12 @@ class LoraLinear(LoraModule):
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer)
-        shape = base_layer.weight.shape
         self.fan_in_fan_out = fan_in_fan_out
-        self.out_features, self.in_features = (shape[1], shape[0]) if fan_in_fan_out else shape
-        if hasattr(base_layer, "in_features"):  # an int4 base (lorakit.quant) packs two weights a byte
+        if hasattr(base_layer, "in_features"):  # nn.Linear and lorakit.quant's layers (int4 packs two weights a byte)
             self.out_features, self.in_features = base_layer.out_features, base_layer.in_features
+        else:  # transformers' Conv1D: weight (in, out)
+            shape = base_layer.weight.shape
+            self.out_features, self.in_features = (shape[1], shape[0]) if fan_in_fan_out else shape
 
     def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (r, self.in_features), (self.out_features, r)

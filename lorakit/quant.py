@@ -194,10 +194,15 @@ WEIGHTS = ("dense", "int8", "int4")
 QUANTIZED = (Int8Linear, Int4Linear)  # the base-layer types LoRA wraps like an nn.Linear
 
 
+def check_weights(weights: str) -> None:
+    """Refuse (LoraConfigError) a `--weights` choice not in WEIGHTS: callers check before loading a model."""
+    if weights not in WEIGHTS:
+        raise LoraConfigError(f"weights={weights!r} (--weights): expected one of {', '.join(WEIGHTS)}")
+
+
 def quantize(model: nn.Module, weights: str) -> None:
     """Apply a `--weights` choice (WEIGHTS) to a model about to serve; "dense" leaves it as it is."""
-    if weights not in WEIGHTS:
-        raise LoraConfigError(f"weights={weights!r}: expected one of {', '.join(WEIGHTS)}")
+    check_weights(weights)
     if weights == "int8":
         quantize_int8(model)
     elif weights == "int4":

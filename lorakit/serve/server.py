@@ -18,7 +18,7 @@ import uvicorn
 from safetensors import safe_open
 
 from lorakit.errors import LoraConfigError
-from lorakit.quant import WEIGHTS, quantize
+from lorakit.quant import check_weights, quantize
 
 from .api import Server, Settings, create_app
 from .engine import Engine
@@ -90,8 +90,7 @@ def load_base(path: Path, adapters: Path, dtype: str = "fp32", weights: str = "d
     logging.set_verbosity_error()
     if dtype not in _DTYPES:
         raise LoraConfigError(f"--dtype {dtype!r}: expected one of {sorted(_DTYPES)}")
-    if weights not in WEIGHTS:
-        raise LoraConfigError(f"--weights {weights!r}: expected one of {', '.join(WEIGHTS)}")
+    check_weights(weights)
     config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     kind = "encoder" if config.get("model_type") in _ENCODERS else "causal_lm"
     torch.manual_seed(0)  # an encoder's base head is random: the same on every replica
