@@ -16,7 +16,7 @@ def specs(quick: bool, seeds: int | None, out: Path) -> list[Spec]:
     n = seeds or (1 if quick else SEEDS)
     return [Spec(f"{task}-{label}-s{seed}", f"{task} {label}", {"task": task, **recipe(label, tuned)}, seed,
                  {"task": task, "label": label})
-            for task in TASKS for label in RECIPES for seed in range(n)]
+            for seed in range(n) for task in TASKS for label in RECIPES]  # seed outermost: each seed completes a table
 
 
 def report(results: list[dict], out: Path, quick: bool) -> list[Path]:

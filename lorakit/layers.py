@@ -290,6 +290,16 @@ class LoraLinear(LoraModule):
         # out[rows_k] += s_k·x[rows_k]·A_kᵀ·B_kᵀ, per adapter present, computed in fp32 on a 16-bit or int8 base
         # and added in it (as PEFT). At decode with slot tables the factors are read in place (row_tables.py);
         # otherwise functional.mixed_lora_delta chooses its kernel (loop or stacked ranks).
+        if rows.uniform and not self.merged and not self.training:  # one choice for every row: no grouping
+            out = self._modules["base_layer"](x)
+            factors = None if rows.only is None else self._factors_of(rows.only)
+            if factors is None:  # the base, or an adapter that skips this layer
+                return out
+            A, B = factors
+            if A.dtype == x.dtype == out.dtype and out.is_contiguous():  # fp32: lora_linear's decode path
+                return add_low_rank_(out, F.linear(x, A), B, self.scale[rows.only])
+            return (out.float() + F.linear(F.linear(x.float(), A.float()), B.float()) * self.scale[rows.only]
+                    ).to(out.dtype)
         groups = self._row_groups(rows, x.shape[0])
         out = self.base_layer(x)
         if not groups:
@@ -303,6 +313,13 @@ class LoraLinear(LoraModule):
                 return mixed_lora_delta(x, factors, out)
             delta = mixed_lora_delta(x.to(dt), factors)
         return (out.to(delta.dtype) + delta).to(out.dtype)
+
+    def _factors_of(self, name: str) -> tuple[Tensor, Tensor] | None:
+        """`dense_factors(name)`, or None where adapter `name` skips this layer; read straight from the parameter
+        dicts (it runs in every adapted layer of every decode step)."""
+        key = param_key(name)
+        A = self._modules[self.a_name]._parameters.get(key)
+        return None if A is None else (A, self._modules[self.b_name]._parameters[key])
 
     def _stacked_factors(self) -> tuple[Tensor, Tensor, float]:
         # Several active adapters: Σ sᵢ·Bᵢ·Aᵢ = [s₁B₁ … sₖBₖ]·[A₁; …; Aₖ], one rank-Σr update.
@@ -352,6 +369,9 @@ class LoraSlicedLinear(LoraLinear):
         for i, (j, (_, Bi)) in enumerate(zip(self.on, self.combine_blocks(name), strict=True)):
             full[j * self.size:(j + 1) * self.size, i * r:(i + 1) * r] = Bi
         return A, full
+
+    def _factors_of(self, name: str) -> tuple[Tensor, Tensor] | None:
+        return self.dense_factors(name) if param_key(name) in getattr(self, self.a_name) else None
 
     def from_dense(self, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor, int]:
         # Inverse of dense_factors: keep B's diagonal blocks; everything off them must be zero.

@@ -36,6 +36,8 @@ class RowAdapters:
     expand: accept a batch that is k·len(ids) rows, row j using ids[j // k] — what `generate` makes of a
     batch with `num_beams` or `num_return_sequences` k (it repeats each row k times, in place).
     tables: slot tables holding every named adapter's factors (row_tables.py), for the decode kernel.
+    uniform / only: every row makes the same choice (a single stream, or a batch under one adapter), and that
+    choice (a name, or None for the base); the layers then skip the per-row grouping altogether.
     """
 
     names: tuple[str, ...]
@@ -44,6 +46,14 @@ class RowAdapters:
     tables: RowTables | None = None
     _groups: dict[int, list[tuple[str, Tensor]]] = field(default_factory=dict, compare=False, repr=False)
     _bags: dict[tuple[int, int, int], tuple | None] = field(default_factory=dict, compare=False, repr=False)
+    uniform: bool = field(init=False, compare=False)
+    only: str | None = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        first = int(self.ids[0]) if self.ids.numel() else -1
+        uniform = self.ids.numel() > 0 and bool((self.ids == first).all())
+        object.__setattr__(self, "uniform", uniform)
+        object.__setattr__(self, "only", self.names[first] if uniform and first >= 0 else None)
 
     def ids_for(self, batch: int) -> Tensor:
         """The (batch,) ids for a forward of `batch` rows; LoraStateError if they do not fit."""

@@ -47,6 +47,25 @@ def test_many_distinct_adapters_take_the_stacked_kernel_and_equal_eachlogits_alo
         torch.testing.assert_close(mixed[i:i + 1], logits_alone(model, name, ids[i:i + 1]), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind,dtype", [("llama", torch.float32), ("llama", torch.bfloat16), ("gpt2", torch.float32)])
+def test_every_row_under_one_choice_equals_that_adapter_alone(kind, dtype):
+    # A single stream (or a batch under one adapter) skips the per-row grouping: same logits as set_adapter,
+    # on a bf16 base (fp32 adapters) and on GPT-2's fused c_attn, adapted per q/v slice (LoraSlicedLinear).
+    model = make_tiny(kind).to(dtype)
+    targets = ["q_proj", "v_proj", "down_proj"] if kind == "llama" else ["c_attn", "mlp.c_proj"]
+    slices = {"c_attn": [True, False, True]} if kind == "gpt2" else {}
+    inject(model, LoraConfig(r=4, targets=targets, slices=slices), "a")
+    inject(model, LoraConfig(r=2, targets=targets[:1], slices=slices), "b")
+    assert kind == "llama" or type(model.transformer.h[0].attn.c_attn).__name__ == "LoraSlicedLinear"
+    randomize_adapters(model, "a", seed=1, std=0.3)
+    randomize_adapters(model, "b", seed=2, std=0.3)
+    for name in ["a", "b", None]:
+        with torch.no_grad(), per_row_adapters(model, [name] * IDS.shape[0]):
+            batch = model(input_ids=IDS).logits
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(batch, logits_alone(model, name, IDS), rtol=tol, atol=tol)
+
+
 def test_low_level_ids_form_and_its_checks():
     model = _two_adapter_llama()
     with torch.no_grad(), adapter_rows(["a", "b"], torch.tensor([1, -1, 0])):

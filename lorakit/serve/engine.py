@@ -25,6 +25,7 @@ from torch import nn
 from lorakit.row_tables import RowTables
 from lorakit.rows import adapter_rows
 
+from .decode_step import lean_step
 from .encode import encode, no_head
 from .jobs import Job, Seq
 from .kv import GrowingCache, KVBatch, PromptCache, empty_batch, left_pad
@@ -44,7 +45,8 @@ def _rows(names: list[str | None], tables: RowTables | None = None):
 
 class Engine:
     def __init__(self, model: nn.Module, tokenizer, kind: str, registry: AdapterRegistry, metrics: Metrics,
-                 max_batch: int = 32, max_queue: int = 256, prompt_cache: int = 4096, max_context: int = 2048) -> None:
+                 max_batch: int = 32, max_queue: int = 256, prompt_cache: int = 4096, max_context: int = 2048,
+                 lean: bool = True) -> None:
         self.model, self.tokenizer, self.kind = model.eval(), tokenizer, kind
         self.registry, self.metrics = registry, metrics
         self.max_batch, self.max_queue, self.max_context = max_batch, max_queue, max_context
@@ -57,6 +59,9 @@ class Engine:
         # Prefill needs the last position's logits only: the LM head over every prompt token would be wasted work.
         self.last_logits = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters \
             else {}
+        # Decode steps: the lean Llama step where it applies (decode_step.py: ~1.2x tokens/s at batch 1, same
+        # logits), else the model's forward. Prefill always runs the model's forward.
+        self.decode = (lean_step(model) if lean and kind == "causal_lm" else None) or self._forward_step
         self.structure_lock = threading.Lock()
         self.inbox: queue.Queue = queue.Queue()
         self.pending: list[Job] = []
@@ -351,8 +356,7 @@ class Engine:
         mask, pos = self.batch.step_inputs()
         ids = torch.tensor([[s.last] for s in self.running], dtype=torch.long)
         with _rows(names, tables):
-            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                                past_key_values=self.batch.cache, use_cache=True).logits[:, -1]
+            logits = self.decode(ids, mask, pos, self.batch.cache)
         self.batch.stepped(mask)
         self.metrics.batch_size.observe(len(names))
         self.metrics.batch_adapters.observe(len(set(names)))
@@ -366,6 +370,10 @@ class Engine:
             else:
                 keep.append(i)
         self._keep(keep)
+
+    def _forward_step(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
+        return self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                          use_cache=True).logits[:, -1]
 
     def _keep(self, rows: list[int]) -> None:
         if len(rows) < len(self.running):
