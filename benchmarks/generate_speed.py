@@ -6,12 +6,15 @@
     peft       the same adapter files loaded by HF PEFT (unmerged), the reference
 
 Every measurement runs in a fresh process; modes alternate round by round and the report takes medians.
+With --in-process one process holds every mode's model (the base and its copies) and alternates their generate
+calls round by round: no process-to-process spread (±10% on this VM), the finer measure of a few-% overhead.
 Each row generates exactly --new_tokens tokens (min_new_tokens = max_new_tokens, KV cache on) after a
 short warm-up, for batch 1 and batch 8. Targets (issue 9): unmerged <= 1.10x the base's time, merged
 within +-2%.
 
     python benchmarks/generate_speed.py                       # 128 new tokens, 3 rounds, 2 threads
     python benchmarks/generate_speed.py --quick --model DIR   # smoke test: 8 tokens, 1 round
+    python benchmarks/generate_speed.py --in-process --batches 1 --rounds 7   # batch 1, one process
 """
 
 from __future__ import annotations
@@ -51,8 +54,39 @@ def make_adapter(model_dir: str, out: str, seed: int = 0, targets: str | list[st
     save_adapter(model, out)
 
 
-def worker(args: argparse.Namespace) -> None:
-    """One mode, one batch size: print {"tokens_per_s", "seconds"} as JSON."""
+def build(model, mode: str, adapter: str):
+    """`model` (the bare base, eval) prepared for `mode`, in place."""
+    if mode in ("unmerged", "merged"):
+        from lorakit import load_adapter, merge
+
+        load_adapter(model, adapter)
+        if mode == "merged":
+            merge(model)
+    elif mode == "peft":
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).eval()
+    return model
+
+
+def timed_generate(model, tok, batch: int, new_tokens: int, warm_up: bool = True) -> float:
+    """Seconds of one greedy generate of exactly `new_tokens` for the first `batch` prompts."""
+    import torch
+
+    enc = tok(PROMPTS[:batch], add_special_tokens=False, padding=True, return_tensors="pt")
+    options = {"do_sample": False, "pad_token_id": tok.pad_token_id, "temperature": None, "top_p": None,
+               "top_k": None}
+    with torch.no_grad():
+        if warm_up:
+            model.generate(**enc, max_new_tokens=4, min_new_tokens=4, **options)
+        start = time.perf_counter()
+        out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **options)
+        seconds = time.perf_counter() - start
+    assert out.shape[1] - enc["input_ids"].shape[1] == new_tokens
+    return seconds
+
+
+def load(args: argparse.Namespace):
     import torch
 
     torch.set_num_threads(args.threads)
@@ -60,29 +94,34 @@ def worker(args: argparse.Namespace) -> None:
 
     path = resolve_model_path(args.model)
     model, tok = load_model(path, "causal_lm", []).eval(), load_tokenizer(path)
-    if args.mode in ("unmerged", "merged"):
-        from lorakit import load_adapter, merge
-
-        load_adapter(model, args.adapter)
-        if args.mode == "merged":
-            merge(model)
-    elif args.mode == "peft":
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, args.adapter).eval()
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    enc = tok(PROMPTS[:args.batch], add_special_tokens=False, padding=True, return_tensors="pt")
-    options = {"do_sample": False, "pad_token_id": tok.pad_token_id, "temperature": None, "top_p": None,
-               "top_k": None}
-    with torch.no_grad():
-        model.generate(**enc, max_new_tokens=4, min_new_tokens=4, **options)  # warm-up
-        start = time.perf_counter()
-        out = model.generate(**enc, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, **options)
-        seconds = time.perf_counter() - start
-    new = (out.shape[1] - enc["input_ids"].shape[1]) * args.batch
-    print(json.dumps({"tokens_per_s": new / seconds, "seconds": seconds}))
+    return model, tok
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One mode, one batch size: print {"tokens_per_s", "seconds"} as JSON."""
+    model, tok = load(args)
+    seconds = timed_generate(build(model, args.mode, args.adapter), tok, args.batch, args.new_tokens)
+    print(json.dumps({"tokens_per_s": args.batch * args.new_tokens / seconds, "seconds": seconds}))
+
+
+def in_process(args: argparse.Namespace, modes: list[str], batches: list[int], adapter: str) -> dict:
+    """Every mode's model in this process (copies of one loaded base); generate calls alternate by round."""
+    import copy
+
+    base, tok = load(args)
+    models = {m: build(copy.deepcopy(base), m, adapter) for m in modes}
+    times: dict[tuple[str, int], list[float]] = {(m, b): [] for m in modes for b in batches}
+    for b in batches:
+        for m in modes:
+            timed_generate(models[m], tok, b, 8, warm_up=False)  # warm-up
+    for r in range(args.rounds):
+        for b in batches:
+            for m in (modes if r % 2 == 0 else modes[::-1]):
+                times[(m, b)].append(timed_generate(models[m], tok, b, args.new_tokens, warm_up=False))
+    return times
 
 
 def _run_worker(args: argparse.Namespace, mode: str, batch: int, adapter: str) -> dict:
@@ -104,6 +143,7 @@ def main() -> None:
     p.add_argument("--batches", default="1,8")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--quick", action="store_true", help="8 new tokens, 1 round (a smoke test)")
+    p.add_argument("--in-process", action="store_true", help="all modes in one process, alternating calls")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mode", default="base", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
@@ -117,14 +157,18 @@ def main() -> None:
     modes, batches = args.modes.split(","), [int(b) for b in args.batches.split(",")]
     with tempfile.TemporaryDirectory() as adapter:
         make_adapter(args.model, adapter)
-        times: dict[tuple[str, int], list[float]] = {(m, b): [] for m in modes for b in batches}
-        for r in range(args.rounds):
-            for b in batches:
-                for m in (modes if r % 2 == 0 else modes[::-1]):  # alternate the order between rounds
-                    times[(m, b)].append(_run_worker(args, m, b, adapter)["seconds"])
+        if args.in_process:
+            times = in_process(args, modes, batches, adapter)
+        else:
+            times = {(m, b): [] for m in modes for b in batches}
+            for r in range(args.rounds):
+                for b in batches:
+                    for m in (modes if r % 2 == 0 else modes[::-1]):  # alternate the order between rounds
+                        times[(m, b)].append(_run_worker(args, m, b, adapter)["seconds"])
     import torch
 
-    print(f"greedy, {args.new_tokens} new tokens, {args.threads} threads, median of {args.rounds} fresh processes; "
+    where = "alternating calls in one process" if args.in_process else "fresh processes"
+    print(f"greedy, {args.new_tokens} new tokens, {args.threads} threads, median of {args.rounds} rounds, {where}; "
           f"torch {torch.__version__}, model {args.model}")
     print(f"{'batch':>5}  " + "  ".join(f"{m:>18}" for m in modes))
     for b in batches:
@@ -135,6 +179,11 @@ def main() -> None:
             cells.append(f"{b * args.new_tokens / t:7.1f} tok/s {t / base:4.2f}x")
         print(f"{b:>5}  " + "  ".join(f"{c:>18}" for c in cells))
     print(f"(x = time relative to {modes[0]}; targets: unmerged <= 1.10x, merged within 0.98-1.02x)")
+    for b in batches:  # paired: each round's time over the same round's base time
+        for m in modes[1:]:
+            pairs = sorted(t / t0 for t, t0 in zip(times[(m, b)], times[(modes[0], b)], strict=True))
+            print(f"batch {b} {m}: per-round ratio median {statistics.median(pairs):.3f} "
+                  f"(range {pairs[0]:.3f}-{pairs[-1]:.3f})")
 
 
 if __name__ == "__main__":

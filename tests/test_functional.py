@@ -177,6 +177,25 @@ def test_delta_and_mixed_batch_semantics(ids, into):
         torch.testing.assert_close(out[i], expect, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(30, 7, 16), (30, 16), (30, 2, 3, 16)])  # tokens per row: 7, 1, 6
+@pytest.mark.parametrize("ranks", ["equal", "mixed"])
+@pytest.mark.parametrize("into", [False, True])
+def test_many_adapters_every_kernel_equals_the_dense_per_row_formula(shape, ranks, into):
+    # 12 adapters (> 8: the stacked-ranks and gathered-bmm kernels), some on several rows, base rows among them.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g)
+    rs = [4] * 12 if ranks == "equal" else [1 + k % 4 for k in range(12)]
+    As = [torch.randn(r, 16, generator=g) for r in rs]
+    Bs = [torch.randn(10, r, generator=g) for r in rs]
+    scales = [0.5 + k / 4 for k in range(12)]
+    ids = torch.tensor([k % 13 - 1 for k in range(30)])  # -1 (base) and 0..11, several rows each
+    base = torch.randn(*shape[:-1], 10, generator=g) if into else None
+    out = _mixed(x, _groups(ids, As, Bs, scales), base)
+    for i, k in enumerate(ids.tolist()):
+        expect = torch.zeros(*shape[1:-1], 10) if k < 0 else x[i] @ (As[k].T @ Bs[k].T) * scales[k]
+        torch.testing.assert_close(out[i], expect, rtol=1e-4, atol=1e-4)
+
+
 def test_dropout_mask_statistics():
     keep, keep_p = dropout_keep_mask(7, torch.Size((1000, 200)), 0.1, torch.device("cpu"))
     assert abs(keep_p - 0.9) < 1 / 65536
