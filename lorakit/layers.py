@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import LoraConfigError, LoraStateError
-from .functional import add_low_rank_, lora_linear, mixed_lora_delta, table_lora_delta
+from .functional import add_low_rank_, fold_pays, lora_linear, mixed_lora_delta, table_lora_delta
 from .rows import RowAdapters, current_rows
 
 _DOT = "%2E"  # not in [A-Za-z0-9._-], so the mapping is one to one
@@ -202,7 +202,8 @@ class LoraModule(nn.Module):
 
     def _row_groups(self, rows: RowAdapters, batch: int) -> list[tuple[str, Tensor]]:
         """This layer's (adapter, row indices) for a per-row batch; checks state and shapes."""
-        groups = [(n, idx) for n, idx in rows.groups(batch) if param_key(n) in getattr(self, self.a_name)]
+        params = self._modules[self.a_name]._parameters  # read once: this runs per layer, per adapter in the batch
+        groups = [(n, idx) for n, idx in rows.groups(batch) if param_key(n) in params]
         if groups and self.merged:
             raise LoraStateError(f"per-row adapters on a merged model would count {self.merged} twice; "
                                  "call unmerge(model) first")
@@ -265,6 +266,28 @@ class LoraLinear(LoraModule):
         rows = current_rows()
         if rows is not None:
             return self._forward_rows(x, rows)
+        active = self.active
+        if len(active) == 1 and not self.merged and not torch.is_grad_enabled() and x.device.type == "cpu" \
+                and not torch.is_autocast_enabled("cpu"):
+            # Inference with one adapter (decoding: 210 calls a token on SmolLM2 all-linear): lora_linear's
+            # decode path with nothing in between — its generic checks and the accessors were ~10 µs a call.
+            name = active[0]
+            A, B = self._factors_of(name)
+            if not self.training or not self.dropout[name]:
+                if A.dtype != x.dtype:
+                    A, B = A.to(x.dtype), B.to(x.dtype)
+                w = base.weight
+                rows_in = x.numel() // x.shape[-1]
+                if w.dtype == x.dtype and not fold_pays(rows_in, self.out_features, self.in_features):
+                    y = F.linear(x, w.t() if self.fan_in_fan_out else w, base.bias)
+                elif not w.is_floating_point():  # a quantized base (lorakit.quant): its own kernel
+                    y = base(x)
+                else:
+                    y = None  # many rows (prefill): lora_linear folds B·A into W
+                if y is not None:
+                    if y.dtype == x.dtype and y.is_contiguous():
+                        return add_low_rank_(y, F.linear(x, A), B, self.scale[name])
+                    return y + F.linear(F.linear(x, A), B).to(y.dtype) * self.scale[name]
         if self._use_base_only():
             return base(x)
         w = base.weight
@@ -308,7 +331,8 @@ class LoraLinear(LoraModule):
         if table is not None:
             delta = table_lora_delta(x, *table)
         else:
-            factors = [(idx, *(t.to(dt) for t in self.dense_factors(n)), self.scale[n]) for n, idx in groups]
+            factors = [(idx, *(t if t.dtype == dt else t.to(dt) for t in self._factors_of(n)), self.scale[n])
+                       for n, idx in groups]
             if out.dtype == dt and x.dtype == dt and out.is_contiguous():  # fp32: added into the base output in place
                 return mixed_lora_delta(x, factors, out)
             delta = mixed_lora_delta(x.to(dt), factors)
