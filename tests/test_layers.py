@@ -197,3 +197,46 @@ def test_several_active_adapters_sum_and_merge_their_sum():
     torch.testing.assert_close(l0.base_layer.weight, W0, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
     unmerge(model)
+
+
+def test_inference_reads_the_current_b_after_every_kind_of_change():
+    # The no-grad path keeps Bᵀ contiguous between calls; every change of B must show in the next output, checked
+    # against the dense formula x·(W + s·B·A)ᵀ + b: in-place edits (an optimizer step), a new Parameter under the same
+    # name (a reload), delete + add again, a deep copy, and pickling the module.
+    import copy
+    import io
+
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(16, 24))
+    layer.add_adapter("a", 4, 8.0, 0.0, "kaiming")
+    layer.active = ["a"]
+    x = torch.randn(3, 16)
+
+    def check(m):
+        A, B, base = m.A("a"), m.B("a"), m.base_layer
+        with torch.no_grad():
+            torch.testing.assert_close(m(x), F.linear(x, base.weight + 2.0 * B @ A, base.bias), rtol=1e-5, atol=1e-5)
+
+    with torch.no_grad():
+        layer.B("a").normal_()
+    check(layer)
+    with torch.no_grad():
+        layer.B("a").mul_(3.0)  # in place, same tensor
+    check(layer)
+    layer.lora_B["a"] = nn.Parameter(torch.randn(24, 4))  # a new tensor under the same name
+    check(layer)
+    layer.delete_adapter("a")
+    layer.add_adapter("a", 4, 8.0, 0.0, "kaiming")
+    layer.active = ["a"]
+    with torch.no_grad():
+        layer.B("a").normal_()
+    check(layer)
+    twin = copy.deepcopy(layer)
+    with torch.no_grad():
+        twin.B("a").normal_()
+    check(twin)
+    check(layer)
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    check(torch.load(buf, weights_only=False))
