@@ -2,7 +2,8 @@
 
     base       the bare model
     unmerged   + a lorakit LoRA adapter (all-linear, r=8, nonzero B), computed in the forward
-    merged     the same adapter folded into the weights (lorakit.merge)
+    merged     the same adapter folded into the weights (lorakit.merge: the wrappers stay, so it can unmerge)
+    unloaded   merged and the wrappers removed (lorakit.merge_and_unload): the base's own modules
     peft       the same adapter files loaded by HF PEFT (unmerged), the reference
 
 Every measurement runs in a fresh process; modes alternate round by round and the report takes medians.
@@ -30,7 +31,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ("base", "unmerged", "merged", "peft")
+MODES = ("base", "unmerged", "merged", "unloaded", "peft")
 PROMPTS = ["name : The Vaults | eatType : pub | priceRange : more than £ 30 | customer rating : 5 out of 5 ||",
            "Write a short poem about the sea.", "What is the capital of France?", "Explain LoRA in one sentence.",
            "name : Zizzi | eatType : coffee shop | area : riverside ||", "List three colours.",
@@ -56,12 +57,14 @@ def make_adapter(model_dir: str, out: str, seed: int = 0, targets: str | list[st
 
 def build(model, mode: str, adapter: str):
     """`model` (the bare base, eval) prepared for `mode`, in place."""
-    if mode in ("unmerged", "merged"):
-        from lorakit import load_adapter, merge
+    if mode in ("unmerged", "merged", "unloaded"):
+        from lorakit import load_adapter, merge, merge_and_unload
 
         load_adapter(model, adapter)
         if mode == "merged":
             merge(model)
+        elif mode == "unloaded":
+            model = merge_and_unload(model)
     elif mode == "peft":
         from peft import PeftModel
 

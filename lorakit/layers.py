@@ -268,6 +268,8 @@ class LoraLinear(LoraModule):
         rows = current_rows()
         if rows is not None:
             return self._forward_rows(x, rows)
+        if self.merged and not self.training:  # merged (and not training it, which _use_base_only refuses): W0+ΔW
+            return base(x)
         active = self.active
         if len(active) == 1 and not self.merged and not torch.is_grad_enabled() and x.device.type == "cpu" \
                 and not torch.is_autocast_enabled("cpu"):
