@@ -89,3 +89,38 @@ def peft_greedy(model_dir: str, adapter_dir, prompts: list[list[int]], max_new: 
         new = out[0, len(prompt):].tolist()
         outs.append(new[:new.index(eos)] if eos in new else new)
     return outs
+
+
+def adapted_tiny_llama(targets: list[str]):
+    """A tiny random Llama carrying adapters "x" and "y" (random nonzero factors on `targets`), and the independent
+    references: per choice (x, y, None = the base) a separate model with that adapter merged into dense weights."""
+    import copy
+
+    import lorakit
+    from tests.conftest import make_tiny, randomize_adapters
+
+    model = make_tiny("llama").eval()
+    for k, name in enumerate(["x", "y"]):
+        lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, targets=targets), name)
+        randomize_adapters(model, name, std=0.3, seed=k)
+    refs = {}
+    for name in ["x", "y"]:
+        m = copy.deepcopy(model)
+        lorakit.set_adapter(m, name)
+        refs[name] = lorakit.merge_and_unload(m)
+    base = copy.deepcopy(model)
+    for name in ["x", "y"]:
+        lorakit.delete_adapter(base, name)
+    refs[None] = base
+    return model, refs
+
+
+def prefill_rows(model, group: list[tuple[list[int], str | None]]):
+    """Prefill (prompt, adapter) rows left-padded in one forward, as the engine does: (its KVBatch, last logits)."""
+    import lorakit
+    from lorakit.serve.kv import GrowingCache, KVBatch, left_pad
+
+    ids, mask, pos = left_pad([p for p, _ in group], 0)
+    with lorakit.per_row_adapters(model, [a for _, a in group]):
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=GrowingCache())
+    return KVBatch(out.past_key_values, mask, [len(p) for p, _ in group]), out.logits[:, -1]

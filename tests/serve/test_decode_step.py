@@ -2,35 +2,15 @@
 adapters (and the base), one row leaving mid-way, every row's logits equal that row run alone through a model
 with its adapter merged (dense W0 + s·B·A), within 1e-4; architectures it does not reproduce get None."""
 
-import copy
-
 import pytest
 import torch
 
 import lorakit
 from lorakit.serve.decode_step import lean_step
-from lorakit.serve.kv import GrowingCache, KVBatch, left_pad
-from tests.conftest import make_tiny, randomize_adapters
+from tests.conftest import make_tiny
+from tests.serve.conftest import adapted_tiny_llama, prefill_rows
 
 TOL = 1e-4  # fp32: batched and single-row matmuls differ by rounding only
-
-
-def adapted_llama():
-    model = make_tiny("llama").eval()
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    for k, name in enumerate(["x", "y"]):
-        lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, targets=targets), name)
-        randomize_adapters(model, name, std=0.3, seed=k)
-    refs = {}
-    for name in ["x", "y"]:
-        m = copy.deepcopy(model)
-        lorakit.set_adapter(m, name)
-        refs[name] = lorakit.merge_and_unload(m)
-    base = copy.deepcopy(model)
-    for name in ["x", "y"]:
-        lorakit.delete_adapter(base, name)
-    refs[None] = base
-    return model, refs
 
 
 @pytest.mark.parametrize("rows", [
@@ -38,22 +18,16 @@ def adapted_llama():
     [([3, 4, 5, 6], "y")],  # batch 1, no padding: no mask at all
 ])
 def test_lean_step_equals_each_row_alone_with_its_adapter_merged(rows):
-    model, refs = adapted_llama()
+    model, refs = adapted_tiny_llama(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     step = lean_step(model)
     assert step is not None
 
-    def prefill(group):
-        ids, mask, pos = left_pad([p for p, _ in group], 0)
-        with lorakit.per_row_adapters(model, [a for _, a in group]):
-            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=GrowingCache())
-        return KVBatch(out.past_key_values, mask, [len(p) for p, _ in group]), out.logits[:, -1]
-
     with torch.inference_mode():
         half = max(1, len(rows) // 2)
-        batch, first = prefill(rows[:half])
+        batch, first = prefill_rows(model, rows[:half])
         logits = [first]
         if rows[half:]:
-            other, second = prefill(rows[half:])
+            other, second = prefill_rows(model, rows[half:])
             batch.merge(other)
             logits.append(second)
         seqs = [list(p) + [int(t)] for (p, _), t in zip(rows, torch.cat(logits).argmax(-1), strict=True)]

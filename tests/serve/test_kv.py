@@ -2,42 +2,21 @@
 adapters, one leaving mid-way; every row's logits equal that row run alone through a model with its adapter
 merged (dense W0 + s·B·A), within 1e-4."""
 
-import copy
-
 import torch
 
 import lorakit
-from lorakit.serve.kv import GrowingCache, KVBatch, left_pad
-from tests.conftest import make_tiny, randomize_adapters
+from tests.serve.conftest import adapted_tiny_llama, prefill_rows
 
 TOL = 1e-4  # fp32: batched and single-row matmuls differ by rounding only
 
 
 def test_merged_groups_decode_like_each_row_alone():
-    model = make_tiny("llama")
-    for k, name in enumerate(["x", "y"]):
-        lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"]), name)
-        randomize_adapters(model, name, std=0.3, seed=k)
-    refs = {}
-    for name in ["x", "y"]:
-        m = copy.deepcopy(model)
-        lorakit.set_adapter(m, name)
-        refs[name] = lorakit.merge_and_unload(m)
-    base = copy.deepcopy(model)
-    for layer_name in ["x", "y"]:
-        lorakit.delete_adapter(base, layer_name)
-    refs[None] = base
+    model, refs = adapted_tiny_llama(["q_proj", "v_proj", "down_proj"])
     rows = [([5, 6, 7, 8, 9], "x"), ([11, 12], None), ([13, 14, 15], "y"), ([16, 17, 18, 19, 20, 21, 22], "x")]
 
-    def prefill(group):
-        ids, mask, pos = left_pad([p for p, _ in group], 0)
-        with lorakit.per_row_adapters(model, [a for _, a in group]):
-            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=GrowingCache())
-        return KVBatch(out.past_key_values, mask, [len(p) for p, _ in group]), out.logits[:, -1]
-
     with torch.inference_mode():
-        batch, first = prefill(rows[:2])
-        other, second = prefill(rows[2:])
+        batch, first = prefill_rows(model, rows[:2])
+        other, second = prefill_rows(model, rows[2:])
         batch.merge(other)
         seqs = [list(p) + [int(t)] for (p, _), t in zip(rows, torch.cat([first, second]).argmax(-1), strict=True)]
         names = [a for _, a in rows]
