@@ -45,8 +45,7 @@ def _rows(names: list[str | None], tables: RowTables | None = None):
 
 class Engine:
     def __init__(self, model: nn.Module, tokenizer, kind: str, registry: AdapterRegistry, metrics: Metrics,
-                 max_batch: int = 32, max_queue: int = 256, prompt_cache: int = 4096, max_context: int = 2048,
-                 lean: bool = True) -> None:
+                 max_batch: int = 32, max_queue: int = 256, prompt_cache: int = 4096, max_context: int = 2048) -> None:
         self.model, self.tokenizer, self.kind = model.eval(), tokenizer, kind
         self.registry, self.metrics = registry, metrics
         self.max_batch, self.max_queue, self.max_context = max_batch, max_queue, max_context
@@ -61,7 +60,7 @@ class Engine:
             else {}
         # Decode steps: the lean Llama step where it applies (decode_step.py: ~1.2x tokens/s at batch 1, same
         # logits), else the model's forward. Prefill always runs the model's forward.
-        self.decode = (lean_step(model) if lean and kind == "causal_lm" else None) or self._forward_step
+        self.decode = (lean_step(model) if kind == "causal_lm" else None) or self._forward_step
         self.structure_lock = threading.Lock()
         self.inbox: queue.Queue = queue.Queue()
         self.pending: list[Job] = []
