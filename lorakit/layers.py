@@ -270,30 +270,10 @@ class LoraLinear(LoraModule):
             return self._forward_rows(x, rows)
         if self.merged and not self.training:  # merged (and not training it, which _use_base_only refuses): W0+ΔW
             return base(x)
-        active = self.active
-        if len(active) == 1 and not self.merged and not torch.is_grad_enabled() and x.device.type == "cpu" \
-                and not torch.is_autocast_enabled("cpu"):
-            # Inference with one adapter (decoding: 210 calls a token on SmolLM2 all-linear): lora_linear's
-            # decode path with nothing in between — its generic checks and the accessors were ~10 µs a call.
-            name = active[0]
-            A, B = self._factors_of(name)
-            if not self.training or not self.dropout[name]:
-                if A.dtype != x.dtype:
-                    A, B = A.to(x.dtype), B.to(x.dtype)
-                w = base.weight
-                rows_in = x.numel() // x.shape[-1]
-                if w.dtype == x.dtype and not fold_pays(rows_in, self.out_features, self.in_features):
-                    y = F.linear(x, w.t() if self.fan_in_fan_out else w, base.bias)
-                elif not w.is_floating_point():  # a quantized base (lorakit.quant): its own kernel
-                    y = base(x)
-                else:
-                    y = None  # many rows (prefill): lora_linear folds B·A into W
-                if y is not None:
-                    if y.dtype == x.dtype and y.is_contiguous():
-                        h = F.linear(x, A).view(-1, A.shape[0])
-                        y.view(-1, y.shape[-1]).addmm_(h, self._b_t(name, B), alpha=self.scale[name])
-                        return y
-                    return y + F.linear(F.linear(x, A), B).to(y.dtype) * self.scale[name]
+        if len(self.active) == 1 and not self.merged and not torch.is_grad_enabled():
+            y = self._infer_one(x, base)
+            if y is not None:
+                return y
         if self._use_base_only():
             return base(x)
         w = base.weight
@@ -313,6 +293,29 @@ class LoraLinear(LoraModule):
             else:
                 out = out + F.linear(h, B) * self.scale[n]
         return out
+
+    def _infer_one(self, x: Tensor, base: nn.Module) -> Tensor | None:
+        """Inference with one adapter (decoding: 210 calls a token on SmolLM2 all-linear): lora_linear's decode path
+        with nothing in between — its generic checks and the accessors were ~10 µs a call. None where it does not
+        apply (not CPU, autocast, dropout in training mode, or enough rows that lora_linear folds B·A into W)."""
+        name = self.active[0]
+        if x.device.type != "cpu" or torch.is_autocast_enabled("cpu") or (self.training and self.dropout[name]):
+            return None
+        A, B = self._factors_of(name)
+        if A.dtype != x.dtype:
+            A, B = A.to(x.dtype), B.to(x.dtype)
+        w = base.weight
+        if w.dtype == x.dtype and not fold_pays(x.numel() // x.shape[-1], self.out_features, self.in_features):
+            y = F.linear(x, w.t() if self.fan_in_fan_out else w, base.bias)
+        elif not w.is_floating_point():  # a quantized base (lorakit.quant): its own kernel
+            y = base(x)
+        else:
+            return None
+        if y.dtype == x.dtype and y.is_contiguous():
+            y.view(-1, y.shape[-1]).addmm_(F.linear(x, A).view(-1, A.shape[0]), self._b_t(name, B),
+                                           alpha=self.scale[name])
+            return y
+        return y + F.linear(F.linear(x, A), B).to(y.dtype) * self.scale[name]
 
     def _forward_rows(self, x: Tensor, rows: RowAdapters) -> Tensor:
         # One batch, one adapter per row: base for all rows + each adapter's delta on its rows only:
