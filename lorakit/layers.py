@@ -302,8 +302,7 @@ class LoraLinear(LoraModule):
         if x.device.type != "cpu" or torch.is_autocast_enabled("cpu") or (self.training and self.dropout[name]):
             return None
         A, B = self._factors_of(name)
-        if A.dtype != x.dtype:
-            A, B = A.to(x.dtype), B.to(x.dtype)
+        A = A.to(x.dtype)  # fp32 adapters on a 16-bit base compute in x's dtype, as lora_linear does
         w = base.weight
         if w.dtype == x.dtype and not fold_pays(x.numel() // x.shape[-1], self.out_features, self.in_features):
             y = F.linear(x, w.t() if self.fan_in_fan_out else w, base.bias)
@@ -312,10 +311,10 @@ class LoraLinear(LoraModule):
         else:
             return None
         if y.dtype == x.dtype and y.is_contiguous():
-            y.view(-1, y.shape[-1]).addmm_(F.linear(x, A).view(-1, A.shape[0]), self._b_t(name, B),
+            y.view(-1, y.shape[-1]).addmm_(F.linear(x, A).view(-1, A.shape[0]), self._b_t(name, B, x.dtype),
                                            alpha=self.scale[name])
             return y
-        return y + F.linear(F.linear(x, A), B).to(y.dtype) * self.scale[name]
+        return y + F.linear(F.linear(x, A), B.to(x.dtype)).to(y.dtype) * self.scale[name]
 
     def _forward_rows(self, x: Tensor, rows: RowAdapters) -> Tensor:
         # One batch, one adapter per row: base for all rows + each adapter's delta on its rows only:
@@ -352,16 +351,17 @@ class LoraLinear(LoraModule):
         state["_bt"] = {}  # a cache of weak references: rebuilt on use, never pickled
         return state
 
-    def _b_t(self, name: str, B: Tensor) -> Tensor:
-        """Bᵀ as a contiguous (r, out) tensor, kept while B is the same tensor with the same data (a weak reference,
-        its data pointer and its in-place version counter, so any change of B is a miss). addmm_ reads a transposed B
-        ~2× slower at decode: one row, 2 threads, Intel VM: 7.3 vs 4.1 µs for 576 outputs, 19.4 vs 7.5 µs for 1536
-        (SmolLM2's MLP), which was most of an adapted layer's cost there. Used by the inference fast path only."""
-        hit = self._bt.get(name)
-        if hit is not None and hit[0]() is B and hit[1] == (B.data_ptr(), B._version):
+    def _b_t(self, name: str, B: Tensor, dtype: torch.dtype) -> Tensor:
+        """Bᵀ in `dtype` as a contiguous (r, out) tensor, kept while B is the same tensor with the same data (a weak
+        reference, its data pointer and its in-place version counter, so any change of B is a miss). addmm_ reads a
+        transposed B ~2× slower at decode: one row, 2 threads, Intel VM: 7.3 vs 4.1 µs for 576 outputs, 19.4 vs
+        7.5 µs for 1536 (SmolLM2's MLP), which was most of an adapted layer's cost there. Used by the inference fast
+        path only; 16-bit bases with fp32 adapters keep it in their dtype rather than casting B on every call."""
+        hit, key = self._bt.get(name), (B.data_ptr(), B._version, dtype)
+        if hit is not None and hit[0]() is B and hit[1] == key:
             return hit[2]
-        bt = B.detach().t().contiguous()
-        self._bt[name] = (weakref.ref(B), (B.data_ptr(), B._version), bt)
+        bt = B.detach().t().to(dtype).contiguous()
+        self._bt[name] = (weakref.ref(B), key, bt)
         return bt
 
     def _factors_of(self, name: str) -> tuple[Tensor, Tensor] | None:

@@ -199,23 +199,27 @@ def test_several_active_adapters_sum_and_merge_their_sum():
     unmerge(model)
 
 
-def test_inference_reads_the_current_b_after_every_kind_of_change():
-    # The no-grad path keeps Bᵀ contiguous between calls; every change of B must show in the next output, checked
-    # against the dense formula x·(W + s·B·A)ᵀ + b: in-place edits (an optimizer step), a new Parameter under the same
-    # name (a reload), delete + add again, a deep copy, and pickling the module.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_reads_the_current_b_after_every_kind_of_change(dtype):
+    # The no-grad path keeps Bᵀ contiguous (in the base's dtype) between calls; every change of B must show in the
+    # next output, checked against the dense formula x·(W + s·B·A)ᵀ + b in fp32: in-place edits (an optimizer step),
+    # a new Parameter under the same name (a reload), delete + add again, a deep copy, and pickling the module. The
+    # bf16 base keeps fp32 adapters (a stale Bᵀ is off by O(1), far beyond bf16's rounding).
     import copy
     import io
 
     torch.manual_seed(0)
-    layer = LoraLinear(nn.Linear(16, 24))
-    layer.add_adapter("a", 4, 8.0, 0.0, "kaiming")
+    layer = LoraLinear(nn.Linear(16, 24).to(dtype))
+    layer.add_adapter("a", 4, 8.0, 0.0, "kaiming", dtype=torch.float32)
     layer.active = ["a"]
-    x = torch.randn(3, 16)
+    x = torch.randn(3, 16).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
 
     def check(m):
         A, B, base = m.A("a"), m.B("a"), m.base_layer
         with torch.no_grad():
-            torch.testing.assert_close(m(x), F.linear(x, base.weight + 2.0 * B @ A, base.bias), rtol=1e-5, atol=1e-5)
+            want = F.linear(x.float(), base.weight.float() + 2.0 * B @ A, base.bias.float())
+            torch.testing.assert_close(m(x).float(), want, rtol=tol, atol=tol)
 
     with torch.no_grad():
         layer.B("a").normal_()
