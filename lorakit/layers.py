@@ -301,8 +301,6 @@ class LoraLinear(LoraModule):
         name = self.active[0]
         if x.device.type != "cpu" or torch.is_autocast_enabled("cpu") or (self.training and self.dropout[name]):
             return None
-        A, B = self._factors_of(name)
-        A = A.to(x.dtype)  # fp32 adapters on a 16-bit base compute in x's dtype, as lora_linear does
         w = base.weight
         if w.dtype == x.dtype and not fold_pays(x.numel() // x.shape[-1], self.out_features, self.in_features):
             y = F.linear(x, w.t() if self.fan_in_fan_out else w, base.bias)
@@ -310,6 +308,11 @@ class LoraLinear(LoraModule):
             y = base(x)
         else:
             return None
+        A, B = self._factors_of(name)
+        # fp32 adapters on a 16-bit base compute in x's dtype, as lora_linear does (guarded: a no-op .to still
+        # costs a dispatch, and this runs 210 times a decoded token)
+        if A.dtype != x.dtype:
+            A = A.to(x.dtype)
         if y.dtype == x.dtype and y.is_contiguous():
             y.view(-1, y.shape[-1]).addmm_(F.linear(x, A).view(-1, A.shape[0]), self._b_t(name, B, x.dtype),
                                            alpha=self.scale[name])
