@@ -15,9 +15,10 @@ from torch import nn
 from .config import LoraConfig, matches
 from .embedding_conv import LoraConv, LoraEmbedding
 from .errors import AdapterNotFound, LoraConfigError, LoraStateError
-from .layers import LoraLinear, LoraModule, LoraSlicedLinear
+from .layers import LoraLinear, LoraModule
 from .quant import QUANTIZED
 from .saved import SavedModule
+from .sliced import LoraSlicedLinear
 from .transaction import all_or_nothing
 
 # The paper's Wq, Wv per architecture (model.config.model_type).

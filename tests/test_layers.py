@@ -8,7 +8,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lorakit import LoraConfig, LoraStateError, inject, merge, set_adapter, unmerge
-from lorakit.layers import LoraLinear, LoraSlicedLinear
+from lorakit.layers import LoraLinear
+from lorakit.sliced import LoraSlicedLinear
 from tests.conftest import randomize_adapters
 
 

@@ -23,24 +23,17 @@ import torch
 from torch import nn
 
 from lorakit.row_tables import RowTables
-from lorakit.rows import adapter_rows
 
 from .decode_step import lean_step
 from .encode import encode, no_head
 from .jobs import Job, Seq
-from .kv import GrowingCache, KVBatch, PromptCache, empty_batch, left_pad
+from .kv import PromptCache, empty_batch
 from .metrics import Metrics
+from .prefill import Parts, batch_rows, by_batch, prompt_states
 from .registry import AdapterRegistry
 from .sampling import next_token
 from .schemas import ServeError
 from .threads import pin_threads
-
-
-def _rows(names: list[str | None], tables: RowTables | None = None):
-    """The per-row adapter choice for one forward (None = the base), through lorakit's context variable:
-    only this thread's forwards see it, and nothing is written on the model."""
-    known = list(dict.fromkeys(n for n in names if n is not None))
-    return adapter_rows(known, [known.index(n) if n is not None else -1 for n in names], tables=tables)
 
 
 class Engine:
@@ -283,31 +276,16 @@ class Engine:
     def _prefill(self, jobs: list[Job]) -> None:
         """Compute (or fetch) the prompt KV of every new choice, sample its first token, join the batch."""
         seqs = [Seq(j, i, self.tokenizer, self.max_context, self.eos) for j in jobs for i in range(j.n)]
-        keys = [(s.adapter, self.registry.loaded.get(s.adapter, 0), tuple(s.job.prompt)) for s in seqs]
-        cached = [self.prompt_cache.get(k) for k in keys]
-        misses = [i for i, c in enumerate(cached) if c is None]
-        parts: dict[int, tuple[KVBatch, int, torch.Tensor]] = {}  # seq index -> (its batch, its row, logits)
-        if misses:
-            ids, mask, pos = left_pad([seqs[i].job.prompt for i in misses], self.pad_id)
-            with _rows([seqs[i].adapter for i in misses]):
-                out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                                 past_key_values=GrowingCache(), use_cache=True, **self.last_logits)
-            fresh = KVBatch(out.past_key_values, mask, [len(seqs[i].job.prompt) for i in misses])
-            for row, i in enumerate(misses):
-                parts[i] = (fresh, row, out.logits[row, -1])
-                if len(keys[i][2]) <= self.prompt_cache.capacity and keys[i] not in self.prompt_cache.entries:
-                    self.prompt_cache.put(keys[i], fresh.row(row), out.logits[row, -1])
-        for i, hit in enumerate(cached):
-            if hit is not None:
-                self.metrics.prompt_cache_hits.inc()
-                parts[i] = (KVBatch.from_row(hit[0]), 0, hit[1])
+        parts, hits = prompt_states(self.model, seqs, self.registry.loaded, self.prompt_cache, self.pad_id,
+                                    self.last_logits)
+        self.metrics.prompt_cache_hits.inc(hits)
         for job in jobs:
             job.remaining = job.n
             self.metrics.prompt_tokens.labels(job.label).inc(len(job.prompt))
         joining = self._first_tokens(seqs, parts)
         self._join(joining, parts)
 
-    def _first_tokens(self, seqs: list[Seq], parts: dict) -> list[tuple[int, Seq]]:
+    def _first_tokens(self, seqs: list[Seq], parts: Parts) -> list[tuple[int, Seq]]:
         joining = []
         for i, seq in enumerate(seqs):
             reason = seq.push(next_token(parts[i][2], seq.job.sampling, seq.gen))
@@ -319,13 +297,8 @@ class Engine:
                 joining.append((i, seq))
         return joining
 
-    def _join(self, joining: list[tuple[int, Seq]], parts: dict) -> None:
-        by_batch: dict[int, tuple[KVBatch, list[int], list[Seq]]] = {}
-        for i, seq in joining:
-            kv, row, _ = parts[i]
-            by_batch.setdefault(id(kv), (kv, [], []))[1].append(row)
-            by_batch[id(kv)][2].append(seq)
-        for kv, rows, seqs in by_batch.values():
+    def _join(self, joining: list[tuple[int, Seq]], parts: Parts) -> None:
+        for kv, rows, seqs in by_batch(joining, parts):
             kv.select(rows)
             if self.running:
                 self.batch.merge(kv)
@@ -354,7 +327,7 @@ class Engine:
         tables = self.tables if self.tables.sync(self.model, names) else None  # between forwards: may copy factors
         mask, pos = self.batch.step_inputs()
         ids = torch.tensor([[s.last] for s in self.running], dtype=torch.long)
-        with _rows(names, tables):
+        with batch_rows(names, tables):
             logits = self.decode(ids, mask, pos, self.batch.cache)
         self.batch.stepped(mask)
         self.metrics.batch_size.observe(len(names))
@@ -392,7 +365,7 @@ class Engine:
         if not jobs:
             return
         try:
-            names, results = encode(self.model, jobs, self.pad_id, _rows)
+            names, results = encode(self.model, jobs, self.pad_id, batch_rows)
         except Exception as e:  # noqa: BLE001 - fail these jobs, keep serving
             for job in jobs:
                 self._close(job, ServeError(500, f"{job.kind} failed: {type(e).__name__}: {e}", type="server_error"))

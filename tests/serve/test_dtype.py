@@ -14,8 +14,8 @@ import torch
 from lorakit.layers import LoraModule
 from lorakit.quant import Int4Linear, Int8Linear
 from lorakit.row_tables import RowTables
-from lorakit.serve.engine import _rows
 from lorakit.serve.kv import GrowingCache, KVBatch, left_pad
+from lorakit.serve.prefill import batch_rows
 from lorakit.serve.registry import AdapterRegistry
 from lorakit.serve.server import load_base
 from tests.serve.conftest import start
@@ -46,7 +46,7 @@ def _logits(model, tok, forced=None):
     prefill, then decode steps from the slot tables. Steps feed `forced` tokens (rows, STEPS) when given."""
     prompts = [tok(p)["input_ids"] for p in PROMPTS]
     ids, mask, pos = left_pad(prompts, tok.pad_token_id)
-    with _rows(NAMES):
+    with batch_rows(NAMES):
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=GrowingCache())
     batch, steps = KVBatch(out.past_key_values, mask, [len(p) for p in prompts]), [out.logits[:, -1].float()]
     tables = RowTables(4)
@@ -54,7 +54,7 @@ def _logits(model, tok, forced=None):
     for k in range(1, STEPS):
         last = (forced[:, k - 1] if forced is not None else steps[-1].argmax(-1))[:, None]
         mask, pos = batch.step_inputs()
-        with _rows(NAMES, tables):
+        with batch_rows(NAMES, tables):
             steps.append(model(input_ids=last, attention_mask=mask, position_ids=pos,
                                past_key_values=batch.cache).logits[:, -1].float())
         batch.stepped(mask)
