@@ -11,6 +11,7 @@ With --quick or --model the rows go into OUT/runs and OUT/results.json instead. 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,7 +39,7 @@ def table_args(out: Path, quick: bool, model: str | None, seeds: int | None, log
 def _note(args) -> str:
     shared = (" Rows are shared with `python experiments/e2e_table.py` (a row either one finished is not trained "
               "again)." if args.results == e2e_table.RESULTS / "e2e-table.json" else "")
-    return f"\n{e2e_table.describe(args)}; run directories: {args.runs}.{shared}\n"
+    return f"\n{e2e_table.describe(args)}; run directories: {e2e_table.shown(args.runs)}.{shared}\n"
 
 
 def _view(out: Path, quick: bool, model: str | None, seeds: int | None, log: Callable, rows: dict,
@@ -60,8 +61,12 @@ def run_rank(out: Path, quick: bool, model: str | None, seeds: int | None, log: 
     results, text = _view(out, quick, model, seeds, log, RANK_ROWS,
                           "rank on E2E (SmolLM2, LoRA on q, v, alpha 8; test set)")
     points = [(r, [100 * results[name]["scores"]["BLEU"]]) for name, r in RANK_ROWS.items()]
-    figure = plot_lines({"BLEU": points}, out / "rank_e2e.png", "E2E test BLEU vs rank (q, v)", "rank r", "BLEU",
-                        log_base=2)
+    full = results.get("full", {}).get("scores", {}).get("BLEU")  # the table's full fine-tuning row, if run
+    references = {"full fine-tuning": 100 * full} if full is not None else {}
+    scores = [v[0] for _, v in points] + list(references.values())
+    ylim = (math.floor(min(scores)) - 3, math.ceil(max(scores)) + 3)  # a few tenths of BLEU drawn as what they are
+    figure = plot_lines({"LoRA q, v": points}, out / "rank_e2e.png", "E2E test BLEU vs rank (q, v)", "rank r",
+                        "BLEU", log_base=2, ylim=ylim, references=references)
     return [write_text(out / "rank_e2e.md", text, quick), figure]
 
 

@@ -219,9 +219,14 @@ def run_rows(args: argparse.Namespace, names: Iterable[str]) -> dict:
     return read_rows(args.results)
 
 
+def shown(path: Path) -> str:
+    """`path` relative to the checkout when it lies inside it (what a committed report should print), else as is."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def describe(args: argparse.Namespace) -> str:
     decoding = "greedy" if args.num_beams == 1 else f"beam {args.num_beams}"
-    return f"E2E test ({'first 4 MRs, quick' if args.quick else '630 MRs'}), {decoding}; results: {args.results}"
+    return f"E2E test ({'first 4 MRs, quick' if args.quick else '630 MRs'}), {decoding}; results: {shown(args.results)}"
 
 
 def main(argv: list[str] | None = None) -> None:

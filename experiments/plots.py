@@ -22,9 +22,11 @@ def error_bar(values: list[float], n_eval: int = 0) -> float:
 
 
 def plot_lines(series: dict[str, Points], path: str | Path, title: str, xlabel: str, ylabel: str,
-               log_base: int = 0, n_eval: int = 0) -> Path:
+               log_base: int = 0, n_eval: int = 0, ylim: tuple[float, float] | None = None,
+               references: dict[str, float] | None = None) -> Path:
     """One line per series through the mean at each x, written to `path` (PNG); x on a log scale of `log_base`
-    (0: linear). Returns the path."""
+    (0: linear). `ylim` fixes the y range (so a few tenths of a point are not drawn as a cliff), `references`
+    adds labelled horizontal dashed lines (e.g. full fine-tuning's score). Returns the path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -37,13 +39,17 @@ def plot_lines(series: dict[str, Points], path: str | Path, title: str, xlabel: 
         means = [mean(v) for _, v in points]
         errors = [error_bar(v, n_eval) for _, v in points]
         ax.errorbar(xs, means, yerr=errors, marker="o", capsize=3, lw=1.2, label=label)
+    for k, (label, y) in enumerate((references or {}).items()):
+        ax.axhline(y, ls="--", lw=1, color=f"C{len(series) + k}", label=label)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
     if log_base:
         ax.set_xscale("log", base=log_base)
     xs = sorted({x for points in series.values() for x, _ in points})
     if log_base == 2 or (not log_base and all(float(x).is_integer() for x in xs)):
         ax.set_xticks(xs, [f"{x:g}" for x in xs])  # ranks (1, 2, 4, 8, 64), not powers of 2; seeds, not 0.2, 0.4
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    if len(series) > 1:
+    if len(series) + len(references or {}) > 1:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
