@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,7 +22,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from experiments.e2e_table import ALL_ROWS  # noqa: E402
+from experiments.e2e_table import ALL_ROWS, _lorakit  # noqa: E402  (a fresh `lorakit` process per row)
+from lorakit.train.report import read_metrics  # noqa: E402
 
 TRAINED = [name for name, (_, flags) in ALL_ROWS.items() if flags is not None and name != "bitfit"]
 REFERENCE = "lora-qv-r4"
@@ -32,14 +32,10 @@ REFERENCE = "lora-qv-r4"
 def measure(name: str, args: argparse.Namespace, work: Path) -> dict:
     """One row's median step time and peak RSS, from a fresh `lorakit train` process's metrics and summary."""
     out = work / name
-    cmd = [sys.executable, "-m", "lorakit", "train", "--task", "e2e", "--model", args.model, "--out", str(out),
-           "--no-progress", *ALL_ROWS[name][1], "--max_steps", str(args.steps), "--train_limit", str(args.examples),
-           "--dev_limit", "8", "--eval_every", "0"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
-    if done.returncode:
-        raise SystemExit(f"{name} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in rows if r.get("split") == "train" and "examples_per_s" in r]
+    _lorakit(["train", "--task", "e2e", "--model", args.model, "--out", str(out), "--no-progress", *ALL_ROWS[name][1],
+              "--max_steps", str(args.steps), "--train_limit", str(args.examples), "--dev_limit", "8",
+              "--eval_every", "0"])
+    train = [r for r in read_metrics(out / "metrics.jsonl") if r.get("split") == "train" and "examples_per_s" in r]
     summary = json.loads((out / "summary.json").read_text())
     batch = json.loads((out / "config.json").read_text()).get("batch_size", 8)
     return {"trainable": summary["trainable"], "step_s": statistics.median(batch / r["examples_per_s"]
