@@ -48,7 +48,7 @@ def test_targets_quick_through_the_cli_keeps_the_budget_equal(tiny_bert_dir, tmp
 
 
 @pytest.mark.parametrize("name,count", [("glue-mini", 60), ("lr-sweep", 15), ("rank", 5), ("targets", 7),
-                                        ("ner", 6), ("subspace", 4), ("parity", 18)])
+                                        ("ner", 6), ("subspace", 4), ("parity", 24)])
 def test_every_full_configuration_is_valid(tmp_path, name, count):
     specs = EXPERIMENTS[name].specs(False, None, tmp_path / name)
     assert len(specs) == count and len({s.name for s in specs}) == count
@@ -129,18 +129,21 @@ def _table_rows(markdown: str) -> list[list[str]]:
     return [line.strip("| ").split(" | ") for line in lines if line.startswith("| ")][1:]
 
 
+PARITY_LABELS = ["full", "lora", "lora-long", "lora-plus", "lora-r16", "lora-bias", "lora-ln", "lora-drop"]
+
+
 def test_parity_quick_writes_a_row_per_recipe_and_its_figure(tiny_bert_dir, tmp_path):
     out = tmp_path / "parity"
     written = run_experiment(EXPERIMENTS["parity"], out, quick=True, model=tiny_bert_dir, log=lambda *_: None)
     assert [p.name for p in written] == ["parity.md", "parity.png"]
     assert (out / "parity.png").read_bytes()[:4] == b"\x89PNG"
     rows = read_results(out)
-    assert [r["group"] for r in rows] == ["full", "lora", "lora-long", "lora-plus", "lora-r16", "lora-bias"]
+    assert [r["group"] for r in rows] == PARITY_LABELS
     assert all(r["quick"] and r["seed"] == 0 and r["summary"]["steps"] == 2 for r in rows)
     assert rows[3]["config"]["lora_plus_ratio"] == 8.0 and rows[4]["config"]["r"] == 16
     text = (out / "parity.md").read_text()
     table = _table_rows(text)
-    assert [row[0] for row in table] == ["full", "lora", "lora-long", "lora-plus", "lora-r16", "lora-bias"]
+    assert [row[0] for row in table] == PARITY_LABELS
     assert table[0][2:4] == ["+0.00", "reference"] and table[0][6] == "1.00×"
     assert all(row[3] in ("yes", "no") and row[8] == "1" for row in table[1:])
     assert text.startswith("> **--quick smoke run**") and "| lora-plus | lora | 0.0005 | 8 | 8 | 16 | 3 | 16 |" in text

@@ -14,6 +14,8 @@ on vectors (biases, norm weights), and LoRA+ puts every B matrix in a group with
 
 from __future__ import annotations
 
+import fnmatch
+
 import torch
 from torch import Tensor, nn
 
@@ -73,7 +75,7 @@ def _check_modules(model: nn.Module, names: list[str]) -> None:
 def prepare(model: nn.Module, config: TrainConfig, kind: str, base_path: str | None = None) -> nn.Module:
     """Make exactly the method's parameters trainable (injecting LoRA for method lora); returns the model."""
     heads = head_names(model, kind)
-    extra = [_qualify(model, n) for n in config.extra_trainable]
+    extra = [q for n in config.extra_trainable for q in _qualify(model, n)]
     _check_modules(model, extra)
     if config.method == "head" and not heads:
         raise LoraConfigError(f"method 'head' needs a task head, and this {kind} model has none (its output layer "
@@ -121,10 +123,17 @@ def install_structure(model: nn.Module, config: TrainConfig) -> None:
         add_prompt(model, config.prefix_length)
 
 
-def _qualify(model: nn.Module, name: str) -> str:
-    # "pooler" -> "bert.pooler": accept a suffix as inject's modules_to_save does.
-    hits = [n for n, _ in model.named_modules() if n == name or n.endswith("." + name)]
-    return min(hits, key=len) if hits else name
+def _qualify(model: nn.Module, name: str) -> list[str]:
+    # "pooler" -> ["bert.pooler"]: accept a suffix as inject's modules_to_save does. A glob ("*.LayerNorm")
+    # names every module whose full name matches it, leaves only (a match inside a match trains anyway).
+    if not any(c in name for c in "*?["):
+        hits = [n for n, _ in model.named_modules() if n == name or n.endswith("." + name)]
+        return [min(hits, key=len) if hits else name]
+    hits = [n for n, _ in model.named_modules() if n and fnmatch.fnmatchcase(n, name)]
+    if not hits:
+        raise LoraConfigError(f"extra_trainable={name!r}: the pattern matches no module; modules include "
+                              f"{[n for n, _ in model.named_modules() if n][:12]}")
+    return [n for n in hits if not any(n.startswith(h + ".") for h in hits)]
 
 
 def lora_b_params(model: nn.Module) -> set[int]:

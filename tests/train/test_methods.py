@@ -3,6 +3,7 @@ stay bit-identical; optimizer groups (weight decay, LoRA+) are built from the de
 
 import pytest
 import torch
+from torch import nn
 
 from lorakit.errors import LoraConfigError
 from lorakit.injection import count_parameters
@@ -123,3 +124,17 @@ def test_blocks_heads_and_method_errors(tiny_bert_dir, tiny_gpt2_dir, tmp_path):
         prepare(bert, _config(tmp_path, tiny_bert_dir, "lora", extra_trainable=["poler"]), "classification")
     prepare(bert, _config(tmp_path, tiny_bert_dir, "lora", extra_trainable=["pooler"]), "classification")
     assert count_parameters(bert)["trainable"] == EXPECTED["lora"][0] + POOLER
+
+
+def test_extra_trainable_globs_train_every_matching_module(tiny_bert_dir, tmp_path):
+    bert = _model(tiny_bert_dir)
+    norms = [n for n, m in bert.named_modules() if isinstance(m, nn.LayerNorm)]
+    hidden = bert.config.hidden_size
+    assert len(norms) == 1 + 2 * bert.config.num_hidden_layers  # embeddings + two per block
+    prepare(bert, _config(tmp_path, tiny_bert_dir, "lora", extra_trainable=["*LayerNorm"]), "classification")
+    assert count_parameters(bert)["trainable"] == EXPECTED["lora"][0] + len(norms) * 2 * hidden
+    trained = [n for n, p in bert.named_parameters() if p.requires_grad]
+    assert all(sum(t.startswith(n + ".") for t in trained) == 2 for n in norms)  # each one's weight and bias
+    with pytest.raises(LoraConfigError, match=r"extra_trainable='\*Layernorm': the pattern matches no module"):
+        prepare(_model(tiny_bert_dir), _config(tmp_path, tiny_bert_dir, "lora", extra_trainable=["*Layernorm"]),
+                "classification")
