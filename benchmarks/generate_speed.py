@@ -1,7 +1,9 @@
 """Generation speed: tokens/s of greedy decoding on SmolLM2-135M-Instruct, bare base vs an adapter.
 
     base       the bare model
-    unmerged   + a lorakit LoRA adapter (all-linear, r=8, nonzero B), computed in the forward
+    unmerged   + a lorakit LoRA adapter (all-linear, r=8, nonzero B), computed in the forward inside a decode_plan,
+               as lorakit.generate runs it (the LoRA terms fused per group of layers that read one input)
+    unplanned  the same unmerged model through transformers' generate alone: each LoRA layer's own path
     merged     the same adapter folded into the weights (lorakit.merge: the wrappers stay, so it can unmerge)
     unloaded   merged and the wrappers removed (lorakit.merge_and_unload): the base's own modules
     peft       the same adapter files loaded by HF PEFT (unmerged), the reference
@@ -31,7 +33,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ("base", "unmerged", "merged", "unloaded", "peft")
+MODES = ("base", "unmerged", "unplanned", "merged", "unloaded", "peft")
 PROMPTS = ["name : The Vaults | eatType : pub | priceRange : more than £ 30 | customer rating : 5 out of 5 ||",
            "Write a short poem about the sea.", "What is the capital of France?", "Explain LoRA in one sentence.",
            "name : Zizzi | eatType : coffee shop | area : riverside ||", "List three colours.",
@@ -57,7 +59,7 @@ def make_adapter(model_dir: str, out: str, seed: int = 0, targets: str | list[st
 
 def build(model, mode: str, adapter: str):
     """`model` (the bare base, eval) prepared for `mode`, in place."""
-    if mode in ("unmerged", "merged", "unloaded"):
+    if mode in ("unmerged", "unplanned", "merged", "unloaded"):
         from lorakit import load_adapter, merge, merge_and_unload
 
         load_adapter(model, adapter)
@@ -72,9 +74,15 @@ def build(model, mode: str, adapter: str):
     return model
 
 
-def timed_generate(model, tok, batch: int, new_tokens: int, warm_up: bool = True) -> float:
-    """Seconds of one greedy generate of exactly `new_tokens` for the first `batch` prompts."""
+def timed_generate(model, tok, batch: int, new_tokens: int, warm_up: bool = True, plan: bool = True) -> float:
+    """Seconds of one greedy generate of exactly `new_tokens` for the first `batch` prompts; with `plan`, inside a
+    decode_plan as lorakit.generate runs it (building the plan is timed too; on a model without LoRA layers it
+    covers nothing)."""
+    import contextlib
+
     import torch
+
+    from lorakit.decode_plan import decode_plan
 
     enc = tok(PROMPTS[:batch], add_special_tokens=False, padding=True, return_tensors="pt")
     options = {"do_sample": False, "pad_token_id": tok.pad_token_id, "temperature": None, "top_p": None,
@@ -83,7 +91,8 @@ def timed_generate(model, tok, batch: int, new_tokens: int, warm_up: bool = True
         if warm_up:
             model.generate(**enc, max_new_tokens=4, min_new_tokens=4, **options)
         start = time.perf_counter()
-        out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **options)
+        with decode_plan(model) if plan else contextlib.nullcontext():
+            out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **options)
         seconds = time.perf_counter() - start
     assert out.shape[1] - enc["input_ids"].shape[1] == new_tokens
     return seconds
@@ -106,7 +115,8 @@ def load(args: argparse.Namespace):
 def worker(args: argparse.Namespace) -> None:
     """One mode, one batch size: print {"tokens_per_s", "seconds"} as JSON."""
     model, tok = load(args)
-    seconds = timed_generate(build(model, args.mode, args.adapter), tok, args.batch, args.new_tokens)
+    seconds = timed_generate(build(model, args.mode, args.adapter), tok, args.batch, args.new_tokens,
+                             plan=args.mode != "unplanned")
     print(json.dumps({"tokens_per_s": args.batch * args.new_tokens / seconds, "seconds": seconds}))
 
 
@@ -119,11 +129,12 @@ def in_process(args: argparse.Namespace, modes: list[str], batches: list[int], a
     times: dict[tuple[str, int], list[float]] = {(m, b): [] for m in modes for b in batches}
     for b in batches:
         for m in modes:
-            timed_generate(models[m], tok, b, 8, warm_up=False)  # warm-up
+            timed_generate(models[m], tok, b, 8, warm_up=False, plan=m != "unplanned")  # warm-up
     for r in range(args.rounds):
         for b in batches:
             for m in (modes if r % 2 == 0 else modes[::-1]):
-                times[(m, b)].append(timed_generate(models[m], tok, b, args.new_tokens, warm_up=False))
+                times[(m, b)].append(timed_generate(models[m], tok, b, args.new_tokens, warm_up=False,
+                                                    plan=m != "unplanned"))
     return times
 
 

@@ -16,6 +16,7 @@ from .adapters import (
     unmerge,
 )
 from .config import LoraConfig
+from .decode_plan import decode_plan
 from .errors import AdapterFileError, AdapterNotFound, LoraConfigError, LoraError, LoraStateError
 from .injection import count_parameters, inject, lora_modules, parameter_table, select
 from .io import load_adapter, save_adapter
@@ -23,8 +24,8 @@ from .rows import adapter_rows
 
 __all__ = [
     "AdapterFileError", "AdapterNotFound", "LoraConfig", "LoraConfigError", "LoraError", "LoraStateError",
-    "active_adapters", "adapter_rows", "combine", "count_parameters", "delete_adapter", "disabled", "inject",
-    "load_adapter", "lora_modules", "merge", "merge_and_unload", "per_row_adapters", "parameter_table",
+    "active_adapters", "adapter_rows", "combine", "count_parameters", "decode_plan", "delete_adapter", "disabled",
+    "inject", "load_adapter", "lora_modules", "merge", "merge_and_unload", "per_row_adapters", "parameter_table",
     "save_adapter", "select", "set_adapter", "unmerge",
 ]
 __version__ = "0.1.0"

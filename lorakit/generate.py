@@ -17,6 +17,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .decode_plan import decode_plan
 from .errors import LoraConfigError
 
 Messages = list[dict[str, str]]
@@ -105,7 +106,8 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[str | Messages], *, 
     model.eval()
     device = next(model.parameters()).device
     try:
-        with _left_padding(tokenizer), torch.random.fork_rng(devices=[]):
+        # decode_plan: an unmerged adapter's LoRA terms fused per group of layers (no effect on a bare base)
+        with _left_padding(tokenizer), torch.random.fork_rng(devices=[]), decode_plan(model):
             torch.manual_seed(seed)
             for start in range(0, len(order), batch_size):
                 rows = order[start:start + batch_size]

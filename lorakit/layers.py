@@ -259,9 +259,16 @@ class LoraLinear(LoraModule):
         delta = (B @ A) * self.scale[name]  # (out, in)
         return delta.t() if self.fan_in_fan_out else delta
 
+    _plan = None  # a decode_plan's entry for this layer, set in the instance while the plan runs
+
     def forward(self, x: Tensor) -> Tensor:
         # Runs once per adapted layer per decoded token (210 times a token on SmolLM2 all-linear), so it reads
         # each attribute once: at batch 1 the Python here costs as much as the rank-r arithmetic.
+        plan = self._plan
+        if plan is not None and not torch.is_grad_enabled():
+            y = plan(x)
+            if y is not None:
+                return y
         base = self._modules["base_layer"]
         if self.disabled:
             return base(x)
@@ -352,6 +359,7 @@ class LoraLinear(LoraModule):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_bt"] = {}  # a cache of weak references: rebuilt on use, never pickled
+        state.pop("_plan", None)  # a running decode plan's entry belongs to that plan, not to a copy
         return state
 
     def _b_t(self, name: str, B: Tensor, dtype: torch.dtype) -> Tensor:

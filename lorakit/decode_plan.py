@@ -1,0 +1,133 @@
+"""A decode plan: one generate call's LoRA terms, fused across the adapted layers that read the same input.
+
+At batch 1 an unmerged adapter costs the number of steps in each adapted layer, not its FLOPs (benchmarks/RESULTS.md,
+session 9): on SmolLM2 all-linear, two small GEMMs and ~15 state checks in each of 210 layers a token made decoding
+1.19x the base. Inside `decode_plan(model)` (lorakit.generate enters it around transformers' generate), the adapted
+layers of one block that read the same input (q/k/v, gate/up: the groups vLLM and llama.cpp pack) form a group:
+
+    D  = (x·[A₁; …; Aₖ]ᵀ)·blockdiag(s₁B₁ᵀ, …, sₖBₖᵀ) + [b₁ … bₖ]    two small GEMMs per group, in its first layer
+    yᵢ = x·Wᵢᵀ + D[:, columns of layer i]                            one addmm per layer, in place of the base's mm
+
+Every state check (active adapter, merged, disabled, dropout, dtypes) is done once, on entry, where the factors are
+copied; a call checks only what can differ between forwards (grad mode, a per-row adapter context, autocast, x's
+dtype, torch.compile tracing) and, in a group's later layers, that x is the very tensor its first layer saw. Anything
+else runs the layer's own path. The model must not change inside the plan (lorakit's rule for a served model); on
+exit every layer is as it was, and the plan keeps no tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from .layers import LoraLinear
+from .rows import current_rows
+
+# Sibling layer names that read one input in the architectures lorakit adapts (Llama/Mistral/Qwen, BERT/RoBERTa,
+# T5), in the order their block calls them: a group's first eligible layer computes for all of it.
+SHARED_INPUT: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"),
+                                             ("query", "key", "value"), ("q", "k", "v"))
+
+
+class _Group:
+    """The stacked factors of layers that read one input; `last` = (x, x's version, D) of the latest first call."""
+
+    __slots__ = ("a_t", "b", "bias", "last", "shared")
+
+    def __init__(self, members: list[LoraLinear]) -> None:
+        w = members[0].weight_out_in()
+        a, b, bias = [], [], []
+        for m in members:
+            name = m.active[0]
+            A, B = m.dense_factors(name)
+            a.append(A.detach().to(w.dtype))
+            b.append((B.detach() * m.scale[name]).to(w.dtype).t())
+            bias.append(m.base_layer.bias.detach() if m.base_layer.bias is not None
+                        else torch.zeros(m.out_features, dtype=w.dtype, device=w.device))
+        self.a_t = torch.cat(a).t()  # (in, Σr): a view of the contiguous (Σr, in), as F.linear reads a weight
+        self.b = torch.block_diag(*b).contiguous()  # (Σr, Σout) contiguous: addmm reads a transposed B ~2x slower
+        has_bias = any(m.base_layer.bias is not None for m in members)
+        self.bias = torch.cat(bias) if has_bias else None
+        self.shared = len(members) > 1
+        self.last: tuple[Tensor, int, Tensor] | None = None
+
+
+class PlanEntry:
+    """One layer's part of a plan: its group, its columns of D, and W as (in, out) for addmm."""
+
+    __slots__ = ("group", "lead", "lo", "hi", "w_t", "dtype")
+
+    def __init__(self, group: _Group, lead: bool, lo: int, hi: int, layer: LoraLinear) -> None:
+        self.group, self.lead, self.lo, self.hi = group, lead, lo, hi
+        self.w_t = layer.weight_out_in().detach().t()  # a view: the plan copies no base weight
+        self.dtype = self.w_t.dtype
+
+    def __call__(self, x: Tensor) -> Tensor | None:
+        """The layer's output through the plan, or None where the plan does not apply to this call."""
+        if (x.dtype != self.dtype or current_rows() is not None or torch.is_autocast_enabled(x.device.type)
+                or torch.compiler.is_compiling()):  # a traced graph cannot guard on x's identity and version
+            return None
+        g = self.group
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.lead:
+            h = torch.mm(x2, g.a_t)  # (rows, Σr)
+            d = torch.mm(h, g.b) if g.bias is None else torch.addmm(g.bias, h, g.b)  # (rows, Σout)
+            if g.shared:
+                g.last = (x, x._version, d)  # one tuple: another thread's call replaces it whole
+        else:
+            last = g.last
+            if last is None or last[0] is not x or last[1] != x._version:
+                return None
+            d = last[2]
+        return torch.addmm(d[:, self.lo:self.hi], x2, self.w_t).view(*x.shape[:-1], self.hi - self.lo)
+
+
+def _eligible(m: nn.Module) -> bool:
+    if type(m) is not LoraLinear or m.disabled or m.merged or len(m.active) != 1:
+        return False
+    name = m.active[0]
+    return (m._factors_of(name) is not None and m.base_layer.weight.is_floating_point()
+            and not (m.training and m.dropout[name]))
+
+
+def plan_entries(model: nn.Module) -> dict[LoraLinear, PlanEntry]:
+    """{layer: its plan entry} for every LoraLinear the plan can run: one active adapter that has factors in it, not
+    merged or disabled, no dropout in training mode, a floating-point base. Built in full before anything is set."""
+    layers = {name: m for name, m in model.named_modules() if _eligible(m)}
+    entries: dict[LoraLinear, PlanEntry] = {}
+    for name, layer in layers.items():
+        if layer in entries:
+            continue
+        parent, _, leaf = name.rpartition(".")
+        prefix = f"{parent}." if parent else ""
+        siblings = next((s for s in SHARED_INPUT if leaf in s), (leaf,))
+        members = [layers[prefix + s] for s in siblings if prefix + s in layers]
+        w = layer.weight_out_in()
+        members = [m for m in members if m not in entries and m.weight_out_in().dtype == w.dtype
+                   and m.weight_out_in().device == w.device]
+        group, lo = _Group(members), 0
+        for i, m in enumerate(members):
+            entries[m] = PlanEntry(group, i == 0, lo, lo + m.out_features, m)
+            lo += m.out_features
+    return entries
+
+
+@contextmanager
+def decode_plan(model: nn.Module) -> Iterator[int]:
+    """Run `model`'s eligible LoRA layers through a fused plan inside the block (yields how many layers it covers).
+
+    For inference only: a forward with gradients enabled, or inside a per-row adapter context (mixed batches), runs
+    the layers' own path. Do not change the model's adapters inside the block."""
+    entries = plan_entries(model)
+    for layer, entry in entries.items():
+        layer.__dict__["_plan"] = entry
+    try:
+        yield len(entries)
+    finally:
+        for layer, entry in entries.items():
+            if layer.__dict__.get("_plan") is entry:  # a nested or concurrent plan may have replaced it
+                del layer.__dict__["_plan"]
+            entry.group.last = None

@@ -1,0 +1,135 @@
+"""decode_plan: a fused inference plan for one generate call. The reference is independent of it: a plain copy of the
+base whose adapted weights are W + (α/r)·B·A computed here from the adapter's parameters."""
+
+import copy
+
+import pytest
+import torch
+
+from lorakit import LoraConfig, disabled, inject, per_row_adapters
+from lorakit.decode_plan import decode_plan
+from lorakit.layers import LoraLinear
+from tests.conftest import make_tiny, randomize_adapters, tiny_inputs
+
+IDS = torch.tensor([[5, 17, 42, 8, 9, 33], [3, 3, 71, 20, 1, 64]])
+
+
+def _adapted(kind: str, targets, r: int = 4, alpha: float = 8.0):
+    """(model with adapter "a", random nonzero factors; a dense copy of its base with W + (α/r)·B·A folded in)."""
+    model = make_tiny(kind)
+    dense = copy.deepcopy(model)
+    inject(model, LoraConfig(r=r, alpha=alpha, targets=targets), "a")
+    randomize_adapters(model, "a", std=0.2, seed=3)
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, LoraLinear):
+                A, B = m.A("a"), m.B("a")
+                w = dense.get_submodule(name).weight
+                w += (alpha / r) * (B @ A).to(w.dtype) if not m.fan_in_fan_out else (alpha / r) * (B @ A).t()
+    return model, dense
+
+
+def _no_fallback(monkeypatch):
+    """Inside a plan every covered call must take it: the layers' own inference paths raise if reached."""
+    def refuse(*_):
+        raise AssertionError("a LoRA layer fell back to its own path inside the plan")
+    monkeypatch.setattr(LoraLinear, "_infer_one", refuse)
+    monkeypatch.setattr(LoraLinear, "_use_base_only", refuse)
+
+
+@pytest.mark.parametrize("kind,targets,covered", [("llama", "all-linear", 14), ("llama", ["q_proj", "v_proj"], 4),
+                                                  ("gpt2", "all-linear", 8)])
+def test_plan_equals_the_dense_reference_and_covers_every_adapted_layer(kind, targets, covered, monkeypatch):
+    model, dense = _adapted(kind, targets)
+    with torch.no_grad():
+        want = dense(**tiny_inputs(kind)).logits
+        _no_fallback(monkeypatch)
+        with decode_plan(model) as n:
+            got = model(**tiny_inputs(kind)).logits
+    assert n == covered  # Llama: 7 linear layers a block, 2 blocks; GPT-2 (Conv1D with biases): 4 a block
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_tokens_with_the_kv_cache_equal_the_dense_models():
+    model, dense = _adapted("llama", "all-linear")
+    options = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        want = dense.generate(IDS, **options)
+        with decode_plan(model):
+            got = model.generate(IDS, **options)
+    assert torch.equal(got, want)
+
+
+def test_a_group_member_called_with_another_input_runs_its_own_path():
+    model, dense = _adapted("llama", "all-linear")
+    attn = model.model.layers[0].self_attn
+    x, other = torch.randn(2, 3, 32), torch.randn(2, 3, 32)
+    ref = dense.model.layers[0].self_attn
+    with torch.no_grad(), decode_plan(model):
+        attn.q_proj(x)  # the group's first layer stores x's D ...
+        torch.testing.assert_close(attn.k_proj(other), ref.k_proj(other), rtol=1e-5, atol=1e-5)  # ... not other's
+        x.add_(1.0)  # same tensor, changed in place: its version differs, so v must not reuse D
+        torch.testing.assert_close(attn.v_proj(x), ref.v_proj(x), rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_and_per_row_contexts_inside_a_plan_take_the_layers_own_paths():
+    model, dense = _adapted("llama", ["q_proj", "v_proj"])
+    ids = IDS[:1]
+    with decode_plan(model):
+        loss = model(input_ids=ids).logits.square().mean()
+        loss.backward()
+        with torch.no_grad(), per_row_adapters(model, [None]):
+            base_rows = model(input_ids=ids).logits
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(g.abs().sum() > 0 for g in grads.values())
+    model.zero_grad()
+    model(input_ids=ids).logits.square().mean().backward()  # outside the plan: the same gradients
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-7)
+    with torch.no_grad(), disabled(model):
+        torch.testing.assert_close(base_rows, model(input_ids=ids).logits)  # the row asked for the base
+
+
+def test_merged_disabled_or_several_active_layers_are_left_out_and_keep_their_results():
+    model, dense = _adapted("llama", ["q_proj", "v_proj"])
+    inject(model, LoraConfig(r=2, targets=["v_proj"]), "b")  # v_proj now holds two adapters
+    from lorakit import merge, set_adapter, unmerge
+
+    set_adapter(model, ["a", "b"])
+    with decode_plan(model) as n:
+        assert n == 2  # q_proj only: v_proj has two active adapters
+    set_adapter(model, "a")
+    merge(model)
+    with torch.no_grad(), decode_plan(model) as n:
+        assert n == 0
+        torch.testing.assert_close(model(input_ids=IDS).logits, dense(input_ids=IDS).logits, rtol=1e-5, atol=1e-5)
+    unmerge(model)
+    with torch.no_grad(), disabled(model), decode_plan(model) as n:
+        assert n == 0
+
+
+def test_bf16_base_with_fp32_adapters_stays_within_bf16_rounding():
+    model, dense = _adapted("llama", "all-linear")
+    model.to(torch.bfloat16)
+    for m in model.modules():
+        if isinstance(m, LoraLinear):
+            for p in m.adapter_params("a"):
+                p.data = p.data.float()  # lorakit keeps adapters in fp32 on a 16-bit base
+    with torch.no_grad():
+        want = dense(input_ids=IDS).logits
+        with decode_plan(model) as n:
+            got = model(input_ids=IDS).logits.float()
+    assert n == 14
+    torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
+
+
+def test_the_plan_leaves_nothing_behind_and_copies_taken_inside_carry_no_entry():
+    model, _ = _adapted("llama", "all-linear")
+    before = {n: set(vars(m)) for n, m in model.named_modules()}
+    with torch.no_grad(), decode_plan(model):
+        model(input_ids=IDS)
+        clone = copy.deepcopy(model)
+        assert model.model.layers[0].self_attn.q_proj._plan is not None
+    assert {n: set(vars(m)) for n, m in model.named_modules()} == before
+    assert all(m._plan is None for m in clone.modules() if isinstance(m, LoraLinear))
