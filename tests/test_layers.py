@@ -10,7 +10,7 @@ from transformers.pytorch_utils import Conv1D
 from lorakit import LoraConfig, LoraStateError, inject, merge, set_adapter, unmerge
 from lorakit.layers import LoraLinear
 from lorakit.sliced import LoraSlicedLinear
-from tests.conftest import randomize_adapters
+from tests.conftest import make_tiny, randomize_adapters
 
 
 def _random_factors(layer, name="default", seed=0):
@@ -245,3 +245,17 @@ def test_inference_reads_the_current_b_after_every_kind_of_change(dtype):
     torch.save(layer, buf)
     buf.seek(0)
     check(torch.load(buf, weights_only=False))
+
+
+def test_a_compiled_forward_after_an_eager_one_traces_the_lora_layers_whole():
+    # The inference path caches Bᵀ keyed on B's data pointer; a traced graph cannot guard on that and broke at every
+    # adapted layer once an eager call had filled the cache (every recompile of a decode step did).
+    model = make_tiny("llama")
+    inject(model, LoraConfig(r=4, targets="all-linear"), "a")
+    randomize_adapters(model, "a")
+    ids = torch.tensor([[1, 2, 3]])
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = model(input_ids=ids).logits
+        compiled = torch.compile(model, fullgraph=True, backend="eager")(input_ids=ids).logits  # raises on a break
+    torch.testing.assert_close(compiled, eager)
