@@ -3,8 +3,8 @@
 Issue 10's single-stream target is >= 0.5x llama.cpp (99 tok/s measured here on the Q4_1 GGUF, 2 threads). At
 batch 1 a decode step reads every weight once (540 MB in fp32, 135 MB in int8) and runs ~2,000 small eager ops
 (HF's Llama forward plus the int8 layers' casts), so both the bytes and the per-op dispatch cost matter. This
-measures each lever alone and together, for the bare base and for a LoRA adapter served unmerged (q, v, r=8,
-nonzero B, `lorakit.load_adapter`):
+measures each lever alone and together, for the bare base and for a LoRA adapter served unmerged (q, v, r=8 by
+default, `--targets all-linear` for every linear layer; nonzero B, `lorakit.load_adapter`):
 
     cache     dynamic (transformers' default DynamicCache, what `lorakit generate` and the server use today)
               static  (cache_implementation="static": fixed shapes, the precondition for compiling the step)
@@ -123,6 +123,8 @@ def main() -> None:
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--quick", action="store_true", help="tiny random Llama, 8 tokens (a smoke test)")
     p.add_argument("--formats", nargs="+", choices=WEIGHTS, default=list(WEIGHTS), help="weight formats to run")
+    p.add_argument("--targets", default="q_proj,v_proj", help="the adapter's targets: names, comma-separated, or "
+                   "all-linear")
     p.add_argument("--no-compile", dest="compile_rows", action="store_false",
                    help="skip the torch.compile rows (each compiles for 1-1.5 minutes)")
     for name in ("--worker", "--compile", "--tiny"):
@@ -143,7 +145,8 @@ def main() -> None:
 
             model_dir = str(resolve_model(args.model))
         adapter = os.path.join(work, "adapter")
-        make_adapter(model_dir, adapter, targets=["q_proj", "v_proj"])
+        make_adapter(model_dir, adapter,
+                     targets=args.targets if args.targets == "all-linear" else args.targets.split(","))
         results = []
         for setting in settings(args.formats, args.compile_rows):
             res = run_setting(args, model_dir, adapter, setting)

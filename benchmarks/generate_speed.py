@@ -18,6 +18,14 @@ within +-2%.
     python benchmarks/generate_speed.py                       # 128 new tokens, 3 rounds, 2 threads
     python benchmarks/generate_speed.py --quick --model DIR   # smoke test: 8 tokens, 1 round
     python benchmarks/generate_speed.py --in-process --batches 1 --rounds 7   # batch 1, one process
+    python benchmarks/generate_speed.py --steps 300 --batches 1   # single decode steps, interleaved
+
+--steps N times single decode steps instead of whole generates: after one prefill per mode, each of N rounds runs one
+decode forward per mode (the KV cache cropped back after each, so every step attends to the same length), the mode
+order rotating round by round. Neighbouring steps of different modes share the machine's state of the moment, so on
+a VM whose speed drifts (these do, by ±10% over seconds) the paired per-step ratio is the steadiest measure; it leaves
+out generate's own per-token work, which is the same for every mode, so its ratios are a little larger than
+generate's.
 """
 
 from __future__ import annotations
@@ -138,6 +146,38 @@ def in_process(args: argparse.Namespace, modes: list[str], batches: list[int], a
     return times
 
 
+def interleaved_steps(args: argparse.Namespace, modes: list[str], batch: int, adapter: str) -> dict:
+    """{mode: [seconds of each timed decode step]}: one prefill per mode, then `args.steps` rounds of one decode
+    forward per mode (order rotating), each mode's KV cache cropped back to the prompt after its step."""
+    import contextlib
+    import copy
+
+    import torch
+
+    from lorakit.decode_plan import decode_plan
+
+    base, tok = load(args)
+    models = {m: build(copy.deepcopy(base), m, adapter) for m in modes}
+    enc = tok(PROMPTS[:batch], add_special_tokens=False, padding=True, return_tensors="pt")
+    mask = torch.cat([enc["attention_mask"], torch.ones(batch, 1, dtype=torch.long)], 1)
+    step_ids = torch.full((batch, 1), 42)
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    with torch.no_grad(), contextlib.ExitStack() as plans:
+        for m in modes:
+            if m != "unplanned":
+                plans.enter_context(decode_plan(models[m]))
+        caches = {m: models[m](**enc, use_cache=True).past_key_values for m in modes}
+        for r in range(args.steps + 10):  # the first 10 rounds warm up
+            for m in modes[r % len(modes):] + modes[:r % len(modes)]:
+                start = time.perf_counter()
+                models[m](input_ids=step_ids, attention_mask=mask, past_key_values=caches[m], use_cache=True)
+                seconds = time.perf_counter() - start
+                caches[m].crop(-1)
+                if r >= 10:
+                    times[m].append(seconds)
+    return times
+
+
 def _run_worker(args: argparse.Namespace, mode: str, batch: int, adapter: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--mode", mode, "--batch", str(batch), "--adapter", adapter,
            "--model", args.model, "--new_tokens", str(args.new_tokens), "--threads", str(args.threads)]
@@ -158,6 +198,7 @@ def main() -> None:
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--quick", action="store_true", help="8 new tokens, 1 round (a smoke test)")
     p.add_argument("--in-process", action="store_true", help="all modes in one process, alternating calls")
+    p.add_argument("--steps", type=int, default=0, help="time N interleaved single decode steps per mode instead")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mode", default="base", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
@@ -171,6 +212,8 @@ def main() -> None:
     modes, batches = args.modes.split(","), [int(b) for b in args.batches.split(",")]
     with tempfile.TemporaryDirectory() as adapter:
         make_adapter(args.model, adapter)
+        if args.steps:
+            return _print_steps(args, modes, batches, adapter)
         if args.in_process:
             times = in_process(args, modes, batches, adapter)
         else:
@@ -198,6 +241,24 @@ def main() -> None:
             pairs = sorted(t / t0 for t, t0 in zip(times[(m, b)], times[(modes[0], b)], strict=True))
             print(f"batch {b} {m}: per-round ratio median {statistics.median(pairs):.3f} "
                   f"(range {pairs[0]:.3f}-{pairs[-1]:.3f})")
+
+
+def _print_steps(args: argparse.Namespace, modes: list[str], batches: list[int], adapter: str) -> None:
+    import torch
+
+    print(f"single decode steps, {args.steps} interleaved rounds, {args.threads} threads; torch {torch.__version__}, "
+          f"model {args.model}")
+    for b in batches:
+        times = interleaved_steps(args, modes, b, adapter)
+        base = statistics.median(times[modes[0]])
+        print(f"batch {b}: " + "  ".join(f"{m} {statistics.median(times[m]) * 1e3:.2f} ms "
+                                         f"({statistics.median(times[m]) / base:.3f}x)" for m in modes))
+        for m in modes[1:]:
+            pairs = sorted(t / t0 for t, t0 in zip(times[m], times[modes[0]], strict=True))
+            quartile = len(pairs) // 4
+            print(f"  {m}: paired per-step ratio median {statistics.median(pairs):.3f} "
+                  f"(quartiles {pairs[quartile]:.3f}-{pairs[-1 - quartile]:.3f})")
+    print(f"(x = time relative to {modes[0]}; targets: unmerged <= 1.10x, merged within 0.98-1.02x)")
 
 
 if __name__ == "__main__":

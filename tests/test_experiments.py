@@ -48,7 +48,7 @@ def test_targets_quick_through_the_cli_keeps_the_budget_equal(tiny_bert_dir, tmp
 
 
 @pytest.mark.parametrize("name,count", [("glue-mini", 60), ("lr-sweep", 15), ("rank", 5), ("targets", 7),
-                                        ("ner", 6), ("subspace", 4), ("parity", 24)])
+                                        ("ner", 6), ("subspace", 4), ("parity", 27)])
 def test_every_full_configuration_is_valid(tmp_path, name, count):
     specs = EXPERIMENTS[name].specs(False, None, tmp_path / name)
     assert len(specs) == count and len({s.name for s in specs}) == count
@@ -129,7 +129,8 @@ def _table_rows(markdown: str) -> list[list[str]]:
     return [line.strip("| ").split(" | ") for line in lines if line.startswith("| ")][1:]
 
 
-PARITY_LABELS = ["full", "lora", "lora-long", "lora-plus", "lora-r16", "lora-bias", "lora-ln", "lora-drop"]
+PARITY_LABELS = ["full", "lora", "lora-long", "lora-plus", "lora-r16", "lora-bias", "lora-ln", "lora-drop",
+                 "lora-ln-drop"]
 
 
 def test_parity_quick_writes_a_row_per_recipe_and_its_figure(tiny_bert_dir, tmp_path):
@@ -146,7 +147,10 @@ def test_parity_quick_writes_a_row_per_recipe_and_its_figure(tiny_bert_dir, tmp_
     assert [row[0] for row in table] == PARITY_LABELS
     assert table[0][2:4] == ["+0.00", "reference"] and table[0][6] == "1.00×"
     assert all(row[3] in ("yes", "no") and row[8] == "1" for row in table[1:])
-    assert text.startswith("> **--quick smoke run**") and "| lora-plus | lora | 0.0005 | 8 | 8 | 16 | 3 | 16 |" in text
+    assert text.startswith("> **--quick smoke run**")
+    assert "| lora-plus | lora | 0.0005 | 8 | 8 | 16 | 3 | 16 | – |" in text
+    assert "| lora-ln-drop | lora | 0.001 | 1 | 8 | 16 | 3 | 16 | extra_trainable=*LayerNorm, dropout=0.1, " \
+           "warmup_ratio=0.1 |" in text
 
 
 def _result(label: str, seed: int, accuracy: float, step_s: float) -> dict:
