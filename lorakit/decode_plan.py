@@ -58,20 +58,21 @@ class _Group:
 class PlanEntry:
     """One layer's part of a plan: its group, its columns of D, and W as (in, out) for addmm."""
 
-    __slots__ = ("group", "lead", "lo", "hi", "w_t", "dtype")
+    __slots__ = ("group", "lead", "lo", "hi", "w_t", "dtype", "device_type")
 
     def __init__(self, group: _Group, lead: bool, lo: int, hi: int, layer: LoraLinear) -> None:
         self.group, self.lead, self.lo, self.hi = group, lead, lo, hi
         self.w_t = layer.weight_out_in().detach().t()  # a view: the plan copies no base weight
-        self.dtype = self.w_t.dtype
+        self.dtype, self.device_type = self.w_t.dtype, self.w_t.device.type
 
     def __call__(self, x: Tensor) -> Tensor | None:
         """The layer's output through the plan, or None where the plan does not apply to this call."""
-        if (x.dtype != self.dtype or current_rows() is not None or torch.is_autocast_enabled(x.device.type)
+        # Runs 210 times a decoded token on SmolLM2 all-linear: each check here is one C call or attribute read.
+        if (x.dtype != self.dtype or current_rows() is not None or torch.is_autocast_enabled(self.device_type)
                 or torch.compiler.is_compiling()):  # a traced graph cannot guard on x's identity and version
             return None
-        g = self.group
-        x2 = x.reshape(-1, x.shape[-1])
+        g, shape = self.group, x.shape
+        x2 = x.reshape(-1, shape[-1])
         if self.lead:
             h = torch.mm(x2, g.a_t)  # (rows, Σr)
             d = torch.mm(h, g.b) if g.bias is None else torch.addmm(g.bias, h, g.b)  # (rows, Σout)
@@ -82,7 +83,7 @@ class PlanEntry:
             if last is None or last[0] is not x or last[1] != x._version:
                 return None
             d = last[2]
-        return torch.addmm(d[:, self.lo:self.hi], x2, self.w_t).view(*x.shape[:-1], self.hi - self.lo)
+        return torch.addmm(d[:, self.lo:self.hi], x2, self.w_t).view(*shape[:-1], self.hi - self.lo)
 
 
 def _eligible(m: nn.Module) -> bool:

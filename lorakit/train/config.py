@@ -53,8 +53,7 @@ class TrainConfig:
     top_k: for method top-k: how many of the last transformer blocks train, beside the head.
     bottleneck: for methods adapter / adapter-l: the adapter's bottleneck size m; 0 = hidden size / 32.
     prefix_length: for methods prefix / prompt: how many trainable virtual tokens.
-    extra_trainable: modules trained in full beside the head, e.g. ["pooler"]; a glob names every module
-        whose full name matches, e.g. ["*LayerNorm"].
+    extra_trainable: modules trained in full beside the head, e.g. ["pooler"], or globs, e.g. ["*LayerNorm"].
     lr: peak learning rate (AdamW); None = the method's recipe.
     lora_plus_ratio: LoRA+: the B matrices learn at lr * lora_plus_ratio (1 = plain LoRA).
     epochs: passes over the training split (used when max_steps is 0).
