@@ -37,11 +37,10 @@ class _Group:
 
     __slots__ = ("a_t", "b", "bias", "last", "shared")
 
-    def __init__(self, members: list[LoraLinear]) -> None:
+    def __init__(self, members: list[LoraLinear], name: str) -> None:
         w = members[0].weight_out_in()
         a, b, bias = [], [], []
         for m in members:
-            name = m.active[0]
             A, B = m.dense_factors(name)
             a.append(A.detach().to(w.dtype))
             b.append((B.detach() * m.scale[name]).to(w.dtype).t())
@@ -56,19 +55,22 @@ class _Group:
 
 
 class PlanEntry:
-    """One layer's part of a plan: its group, its columns of D, and W as (in, out) for addmm."""
+    """One layer's part of a plan for adapter `name`: its group, its columns of D, and W as (in, out) for addmm."""
 
-    __slots__ = ("group", "lead", "lo", "hi", "w_t", "dtype", "device_type")
+    __slots__ = ("name", "group", "lead", "lo", "hi", "w_t", "dtype", "device_type")
 
-    def __init__(self, group: _Group, lead: bool, lo: int, hi: int, layer: LoraLinear) -> None:
-        self.group, self.lead, self.lo, self.hi = group, lead, lo, hi
+    def __init__(self, name: str, group: _Group, lead: bool, lo: int, hi: int, layer: LoraLinear) -> None:
+        self.name, self.group, self.lead, self.lo, self.hi = name, group, lead, lo, hi
         self.w_t = layer.weight_out_in().detach().t()  # a view: the plan copies no base weight
         self.dtype, self.device_type = self.w_t.dtype, self.w_t.device.type
 
     def __call__(self, x: Tensor) -> Tensor | None:
         """The layer's output through the plan, or None where the plan does not apply to this call."""
         # Runs 210 times a decoded token on SmolLM2 all-linear: each check here is one C call or attribute read.
-        if (x.dtype != self.dtype or current_rows() is not None or torch.is_autocast_enabled(self.device_type)
+        # A per-row context applies only where every row uses this plan's adapter (a server's single stream).
+        rows = current_rows()
+        if (x.dtype != self.dtype or (rows is not None and (not rows.uniform or rows.only != self.name))
+                or torch.is_autocast_enabled(self.device_type)
                 or torch.compiler.is_compiling()):  # a traced graph cannot guard on x's identity and version
             return None
         g, shape = self.group, x.shape
@@ -76,53 +78,58 @@ class PlanEntry:
         if self.lead:
             h = torch.mm(x2, g.a_t)  # (rows, Σr)
             d = torch.mm(h, g.b) if g.bias is None else torch.addmm(g.bias, h, g.b)  # (rows, Σout)
-            if g.shared:
-                g.last = (x, x._version, d)  # one tuple: another thread's call replaces it whole
+            if g.shared:  # one tuple: another thread's call replaces it whole
+                g.last = (x, -1 if x.is_inference() else x._version, d)
         else:
             last = g.last
-            if last is None or last[0] is not x or last[1] != x._version:
+            # inference_mode tensors keep no version counter: there, the same tensor is the whole check
+            if last is None or last[0] is not x or last[1] != (-1 if x.is_inference() else x._version):
                 return None
             d = last[2]
         return torch.addmm(d[:, self.lo:self.hi], x2, self.w_t).view(*shape[:-1], self.hi - self.lo)
 
 
-def _eligible(m: nn.Module) -> bool:
-    if type(m) is not LoraLinear or m.disabled or m.merged or len(m.active) != 1:
-        return False
-    name = m.active[0]
-    return (m._factors_of(name) is not None and m.base_layer.weight.is_floating_point()
-            and not (m.training and m.dropout[name]))
+def _eligible(m: nn.Module, adapter: str | None) -> str | None:
+    """The adapter a plan computes in layer `m` (`adapter`, or its one active adapter), or None if it cannot."""
+    if type(m) is not LoraLinear or m.disabled or m.merged or (adapter is None and len(m.active) != 1):
+        return None
+    name = adapter if adapter is not None else m.active[0]
+    if m._factors_of(name) is None or not m.base_layer.weight.is_floating_point() or (m.training and m.dropout[name]):
+        return None
+    return name
 
 
-def plan_entries(model: nn.Module) -> dict[LoraLinear, PlanEntry]:
-    """{layer: its plan entry} for every LoraLinear the plan can run: one active adapter that has factors in it, not
-    merged or disabled, no dropout in training mode, a floating-point base. Built in full before anything is set."""
-    layers = {name: m for name, m in model.named_modules() if _eligible(m)}
+def plan_entries(model: nn.Module, adapter: str | None = None) -> dict[LoraLinear, PlanEntry]:
+    """{layer: its plan entry} for every LoraLinear the plan can run: not merged or disabled, a floating-point base,
+    no dropout in training mode, and factors of `adapter` (None: of the layer's one active adapter) in it. Built in
+    full before anything is set; copies the factors, never a base weight."""
+    layers = {}
+    for path, m in model.named_modules():
+        name = _eligible(m, adapter)
+        if name is not None:
+            layers[path] = (m, name)
     entries: dict[LoraLinear, PlanEntry] = {}
-    for name, layer in layers.items():
+    for path, (layer, name) in layers.items():
         if layer in entries:
             continue
-        parent, _, leaf = name.rpartition(".")
+        parent, _, leaf = path.rpartition(".")
         prefix = f"{parent}." if parent else ""
         siblings = next((s for s in SHARED_INPUT if leaf in s), (leaf,))
-        members = [layers[prefix + s] for s in siblings if prefix + s in layers]
         w = layer.weight_out_in()
+        members = [layers[prefix + s][0] for s in siblings if prefix + s in layers and layers[prefix + s][1] == name]
         members = [m for m in members if m not in entries and m.weight_out_in().dtype == w.dtype
                    and m.weight_out_in().device == w.device]
-        group, lo = _Group(members), 0
+        group, lo = _Group(members, name), 0
         for i, m in enumerate(members):
-            entries[m] = PlanEntry(group, i == 0, lo, lo + m.out_features, m)
+            entries[m] = PlanEntry(name, group, i == 0, lo, lo + m.out_features, m)
             lo += m.out_features
     return entries
 
 
 @contextmanager
-def decode_plan(model: nn.Module) -> Iterator[int]:
-    """Run `model`'s eligible LoRA layers through a fused plan inside the block (yields how many layers it covers).
-
-    For inference only: a forward with gradients enabled, or inside a per-row adapter context (mixed batches), runs
-    the layers' own path. Do not change the model's adapters inside the block."""
-    entries = plan_entries(model)
+def installed(entries: dict[LoraLinear, PlanEntry]) -> Iterator[int]:
+    """Set built plan entries on their layers for the block (yields how many); a server keeps `plan_entries` built
+    per adapter version and installs them around each step whose rows all use that adapter."""
     for layer, entry in entries.items():
         layer.__dict__["_plan"] = entry
     try:
@@ -132,3 +139,14 @@ def decode_plan(model: nn.Module) -> Iterator[int]:
             if layer.__dict__.get("_plan") is entry:  # a nested or concurrent plan may have replaced it
                 del layer.__dict__["_plan"]
             entry.group.last = None
+
+
+@contextmanager
+def decode_plan(model: nn.Module, adapter: str | None = None) -> Iterator[int]:
+    """Run `model`'s eligible LoRA layers through a fused plan inside the block (yields how many layers it covers).
+
+    adapter: None = each layer's one active adapter (what `generate` uses); a name = that adapter, for forwards
+    inside a per-row context where every row uses it. For inference only: a forward with gradients enabled, or in a
+    per-row context that mixes adapters, runs the layers' own path. Do not change the model's adapters inside."""
+    with installed(plan_entries(model, adapter)) as n:
+        yield n

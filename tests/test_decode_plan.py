@@ -57,7 +57,9 @@ def test_greedy_tokens_with_the_kv_cache_equal_the_dense_models():
         want = dense.generate(IDS, **options)
         with decode_plan(model):
             got = model.generate(IDS, **options)
-    assert torch.equal(got, want)
+    with torch.inference_mode(), decode_plan(model):  # inference tensors keep no version counter
+        in_inference_mode = model.generate(IDS, **options)
+    assert torch.equal(got, want) and torch.equal(in_inference_mode, want)
 
 
 def test_a_group_member_called_with_another_input_runs_its_own_path():
@@ -133,3 +135,21 @@ def test_the_plan_leaves_nothing_behind_and_copies_taken_inside_carry_no_entry()
         assert model.model.layers[0].self_attn.q_proj._plan is not None
     assert {n: set(vars(m)) for n, m in model.named_modules()} == before
     assert all(m._plan is None for m in clone.modules() if isinstance(m, LoraLinear))
+
+
+def test_a_plan_for_a_named_adapter_serves_rows_that_all_use_it_and_only_those(monkeypatch):
+    model, dense = _adapted("llama", "all-linear")
+    inject(model, LoraConfig(r=2, targets=["q_proj", "v_proj"]), "b")  # now active: b; the plan is for "a"
+    randomize_adapters(model, "b", std=0.2, seed=4)
+    with torch.no_grad():
+        want_a = dense(input_ids=IDS).logits
+        with decode_plan(model, "a") as n:
+            assert n == 14
+            with per_row_adapters(model, ["b", "a"]):  # mixed rows: each layer's own per-row path
+                mixed = model(input_ids=IDS).logits
+            _no_fallback(monkeypatch)
+            monkeypatch.setattr(LoraLinear, "_forward_rows", lambda *_: (_ for _ in ()).throw(AssertionError()))
+            with per_row_adapters(model, ["a", "a"]):  # every row uses "a": the plan
+                got = model(input_ids=IDS).logits
+    torch.testing.assert_close(got, want_a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mixed[1:], want_a[1:], rtol=1e-5, atol=1e-5)

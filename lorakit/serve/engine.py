@@ -33,6 +33,7 @@ from .prefill import Parts, batch_rows, by_batch, prompt_states
 from .registry import AdapterRegistry
 from .sampling import next_token
 from .schemas import ServeError
+from .step_plans import StepPlans
 from .threads import pin_threads
 
 
@@ -48,6 +49,7 @@ class Engine:
         self.eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self.prompt_cache = PromptCache(prompt_cache)
         self.tables = RowTables(max_batch)  # the running adapters' factors for decode steps (lorakit.row_tables)
+        self.plans = StepPlans(self.model, registry)  # fused LoRA terms for steps under one adapter (step_plans.py)
         # Prefill needs the last position's logits only: the LM head over every prompt token would be wasted work.
         self.last_logits = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters \
             else {}
@@ -327,7 +329,7 @@ class Engine:
         tables = self.tables if self.tables.sync(self.model, names) else None  # between forwards: may copy factors
         mask, pos = self.batch.step_inputs()
         ids = torch.tensor([[s.last] for s in self.running], dtype=torch.long)
-        with batch_rows(names, tables):
+        with batch_rows(names, tables), self.plans.for_step(names):
             logits = self.decode(ids, mask, pos, self.batch.cache)
         self.batch.stepped(mask)
         self.metrics.batch_size.observe(len(names))

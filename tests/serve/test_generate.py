@@ -184,3 +184,21 @@ def test_embeddings_of_the_llm_are_mean_pooled_decoder_states(llama_server, llam
         want = model.base_model.model.model(**ids).last_hidden_state.mean(1)[0]
     got = openai.OpenAI(base_url=llama_server.url, api_key="x").embeddings.create(model="a4", input=PROMPTS[0])
     torch.testing.assert_close(torch.tensor(got.data[0].embedding), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_single_stream_decodes_through_its_adapters_plan_and_equals_peft(llama_server, reference, monkeypatch):
+    # Every row of each decode step uses a3: the engine holds a3's decode plan around the step (step_plans.py).
+    from lorakit.decode_plan import PlanEntry
+
+    taken, real = [], PlanEntry.__call__
+
+    def counting(self, x):
+        y = real(self, x)
+        taken.append(y is not None)
+        return y
+
+    monkeypatch.setattr(PlanEntry, "__call__", counting)
+    client = openai.OpenAI(base_url=llama_server.url, api_key="x", timeout=30, max_retries=0)
+    r = client.completions.create(model="a3", prompt=PROMPTS[2], max_tokens=MAX_NEW, temperature=0)
+    assert r.choices[0].text == reference["a3", PROMPTS[2]]
+    assert len(taken) >= MAX_NEW - 1 and all(taken)  # decode steps only; none fell back to the per-row path
