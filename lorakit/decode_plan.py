@@ -1,4 +1,4 @@
-"""A decode plan: one generate call's LoRA terms, fused across the adapted layers that read the same input.
+"""A decode plan: an unmerged adapter's LoRA terms, fused across the adapted layers that read the same input.
 
 At batch 1 an unmerged adapter costs the number of steps in each adapted layer, not its FLOPs (benchmarks/RESULTS.md,
 session 9): on SmolLM2 all-linear, two small GEMMs and ~15 state checks in each of 210 layers a token made decoding
@@ -10,9 +10,13 @@ layers of one block that read the same input (q/k/v, gate/up: the groups vLLM an
 
 Every state check (active adapter, merged, disabled, dropout, dtypes) is done once, on entry, where the factors are
 copied; a call checks only what can differ between forwards (grad mode, a per-row adapter context, autocast, x's
-dtype, torch.compile tracing) and, in a group's later layers, that x is the very tensor its first layer saw. Anything
-else runs the layer's own path. The model must not change inside the plan (lorakit's rule for a served model); on
-exit every layer is as it was, and the plan keeps no tensor.
+dtype, torch.compile tracing) and, in a group's later layers, that x is the very tensor (and, outside inference_mode,
+the same version) its first layer saw. Anything else runs the layer's own path. The model must not change inside the
+plan (lorakit's rule for a served model); on exit every layer is as it was, and the plan keeps no tensor.
+
+`decode_plan(model, adapter)` plans a named adapter instead of the active one, for forwards inside a per-row context
+where every row uses it; the server keeps such entries per adapter load version and sets them around each decode
+step under one adapter (`installed`, lorakit/serve/step_plans.py).
 """
 
 from __future__ import annotations

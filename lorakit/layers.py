@@ -264,8 +264,8 @@ class LoraLinear(LoraModule):
     def forward(self, x: Tensor) -> Tensor:
         # Runs once per adapted layer per decoded token (210 times a token on SmolLM2 all-linear), so it reads
         # each attribute once: at batch 1 the Python here costs as much as the rank-r arithmetic.
-        plan = self._plan
-        if plan is not None and not torch.is_grad_enabled():
+        plan = self._plan  # its entry was built unmerged and enabled: a flag changed since means its own path
+        if plan is not None and not torch.is_grad_enabled() and not self.disabled and not self.merged:
             y = plan(x)
             if y is not None:
                 return y

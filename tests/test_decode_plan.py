@@ -153,3 +153,16 @@ def test_a_plan_for_a_named_adapter_serves_rows_that_all_use_it_and_only_those(m
                 got = model(input_ids=IDS).logits
     torch.testing.assert_close(got, want_a, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(mixed[1:], want_a[1:], rtol=1e-5, atol=1e-5)
+
+
+def test_disabling_or_merging_inside_a_plan_is_not_overridden_by_it():
+    model, dense = _adapted("llama", "all-linear")
+    from lorakit import merge, unmerge
+
+    base = make_tiny("llama")  # the same seed: the bare base's weights
+    with torch.no_grad(), decode_plan(model):
+        with disabled(model):
+            torch.testing.assert_close(model(input_ids=IDS).logits, base(input_ids=IDS).logits)
+        merge(model)
+        torch.testing.assert_close(model(input_ids=IDS).logits, dense(input_ids=IDS).logits, rtol=1e-5, atol=1e-5)
+        unmerge(model)
