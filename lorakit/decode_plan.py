@@ -43,17 +43,17 @@ class _Group:
 
     def __init__(self, members: list[LoraLinear], name: str) -> None:
         w = members[0].weight_out_in()
-        a, b, bias = [], [], []
+        a, b = [], []
         for m in members:
             A, B = m.dense_factors(name)
             a.append(A.detach().to(w.dtype))
             b.append((B.detach() * m.scale[name]).to(w.dtype).t())
-            bias.append(m.base_layer.bias.detach() if m.base_layer.bias is not None
-                        else torch.zeros(m.out_features, dtype=w.dtype, device=w.device))
         self.a_t = torch.cat(a).t()  # (in, Σr): a view of the contiguous (Σr, in), as F.linear reads a weight
         self.b = torch.block_diag(*b).contiguous()  # (Σr, Σout) contiguous: addmm reads a transposed B ~2x slower
-        has_bias = any(m.base_layer.bias is not None for m in members)
-        self.bias = torch.cat(bias) if has_bias else None
+        self.bias = None  # [b₁ … bₖ], zeros for a member without a bias, where any member has one
+        if any(m.base_layer.bias is not None for m in members):
+            self.bias = torch.cat([m.base_layer.bias.detach() if m.base_layer.bias is not None
+                                   else torch.zeros(m.out_features, dtype=w.dtype, device=w.device) for m in members])
         self.shared = len(members) > 1
         self.last: tuple[Tensor, int, Tensor] | None = None
 
@@ -83,14 +83,18 @@ class PlanEntry:
             h = torch.mm(x2, g.a_t)  # (rows, Σr)
             d = torch.mm(h, g.b) if g.bias is None else torch.addmm(g.bias, h, g.b)  # (rows, Σout)
             if g.shared:  # one tuple: another thread's call replaces it whole
-                g.last = (x, -1 if x.is_inference() else x._version, d)
+                g.last = (x, _version(x), d)
         else:
             last = g.last
-            # inference_mode tensors keep no version counter: there, the same tensor is the whole check
-            if last is None or last[0] is not x or last[1] != (-1 if x.is_inference() else x._version):
+            if last is None or last[0] is not x or last[1] != _version(x):
                 return None
             d = last[2]
         return torch.addmm(d[:, self.lo:self.hi], x2, self.w_t).view(*shape[:-1], self.hi - self.lo)
+
+
+def _version(x: Tensor) -> int:
+    # inference_mode tensors keep no version counter: for them the same tensor is the whole check (-1)
+    return -1 if x.is_inference() else x._version
 
 
 def _eligible(m: nn.Module, adapter: str | None) -> str | None:

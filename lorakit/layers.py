@@ -369,7 +369,7 @@ class LoraLinear(LoraModule):
         7.5 µs for 1536 (SmolLM2's MLP), which was most of an adapted layer's cost there. Used by the inference fast
         path only; 16-bit bases with fp32 adapters keep it in their dtype rather than casting B on every call."""
         if torch.compiler.is_compiling():  # a traced graph cannot guard on data pointers: it would break at every
-            return B.t().to(dtype).contiguous()  # layer once an eager call had filled the cache (tests/test_generate)
+            return B.t().to(dtype).contiguous()  # layer once an eager call had filled the cache (tests/test_layers)
         hit, key = self._bt.get(name), (B.data_ptr(), B._version, dtype)
         if hit is not None and hit[0]() is B and hit[1] == key:
             return hit[2]

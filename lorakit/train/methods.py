@@ -124,8 +124,8 @@ def install_structure(model: nn.Module, config: TrainConfig) -> None:
 
 
 def _qualify(model: nn.Module, name: str) -> list[str]:
-    # "pooler" -> ["bert.pooler"]: accept a suffix as inject's modules_to_save does. A glob ("*.LayerNorm")
-    # names every module whose full name matches it, leaves only (a match inside a match trains anyway).
+    # "pooler" -> ["bert.pooler"]: accept a suffix as inject's modules_to_save does. A glob ("*LayerNorm") names
+    # every module whose full name matches it, the outermost of nested matches (the inner ones train with it).
     if not any(c in name for c in "*?["):
         hits = [n for n, _ in model.named_modules() if n == name or n.endswith("." + name)]
         return [min(hits, key=len) if hits else name]
