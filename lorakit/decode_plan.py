@@ -8,11 +8,13 @@ layers of one block that read the same input (q/k/v, gate/up: the groups vLLM an
     D  = (x·[A₁; …; Aₖ]ᵀ)·blockdiag(s₁B₁ᵀ, …, sₖBₖᵀ) + [b₁ … bₖ]    two small GEMMs per group, in its first layer
     yᵢ = x·Wᵢᵀ + D[:, columns of layer i]                            one addmm per layer, in place of the base's mm
 
-Every state check (active adapter, merged, disabled, dropout, dtypes) is done once, on entry, where the factors are
-copied; a call checks only what can differ between forwards (grad mode, a per-row adapter context, autocast, x's
-dtype, torch.compile tracing) and, in a group's later layers, that x is the very tensor (and, outside inference_mode,
-the same version) its first layer saw. Anything else runs the layer's own path. The model must not change inside the
-plan (lorakit's rule for a served model); on exit every layer is as it was, and the plan keeps no tensor.
+At one row (batch-1 decoding) D is written into per-thread buffers whose column views each layer reads as the bias of
+one F.linear: no reshape, slice or view per call (1.14x -> 1.10x a step). Every state check (active adapter, merged,
+disabled, dropout, dtypes) is done once, on entry, where the factors are copied; a call checks only what can differ
+between forwards (grad mode, a per-row adapter context, autocast, x's dtype, torch.compile tracing) and, in a group's
+later layers, that x is the very tensor (and, outside inference_mode, the same version) its first layer saw.
+Anything else runs the layer's own path. The model must not change inside the plan (lorakit's rule for a served
+model); on exit every layer is as it was, and nothing refers to the plan's tensors.
 
 `decode_plan(model, adapter)` plans a named adapter instead of the active one, for forwards inside a per-row context
 where every row uses it; the server keeps such entries per adapter load version and sets them around each decode
@@ -21,10 +23,12 @@ step under one adapter (`installed`, lorakit/serve/step_plans.py).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import LoraLinear
@@ -37,9 +41,10 @@ SHARED_INPUT: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("g
 
 
 class _Group:
-    """The stacked factors of layers that read one input; `last` = (x, x's version, D) of the latest first call."""
+    """The stacked factors of layers that read one input; `last` = (x, x's version, D or its one-row column views) of
+    the latest first call."""
 
-    __slots__ = ("a_t", "b", "bias", "last", "shared")
+    __slots__ = ("a_t", "b", "bias", "cols", "last", "one_row", "shared")
 
     def __init__(self, members: list[LoraLinear], name: str) -> None:
         w = members[0].weight_out_in()
@@ -54,19 +59,41 @@ class _Group:
         if any(m.base_layer.bias is not None for m in members):
             self.bias = torch.cat([m.base_layer.bias.detach() if m.base_layer.bias is not None
                                    else torch.zeros(m.out_features, dtype=w.dtype, device=w.device) for m in members])
+        bounds = [0]
+        for m in members:
+            bounds.append(bounds[-1] + m.out_features)
+        self.cols = list(zip(bounds[:-1], bounds[1:], strict=True))  # each member's columns of D
         self.shared = len(members) > 1
-        self.last: tuple[Tensor, int, Tensor] | None = None
+        self.last: tuple[Tensor, int, object] | None = None
+        self.one_row = threading.local()  # per thread: buffers for one-row calls (see `_one_row`)
+
+    def _one_row(self) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+        """This thread's (h, D, each member's columns of D as 1-D views) for a call with one row of x.
+
+        A decoded token at batch 1 is one row: there, slicing D and reshaping x and y per layer cost as much as the
+        LoRA arithmetic (benchmarks/RESULTS.md, session 12). Written in place by the first layer and read as each
+        layer's bias by F.linear before the thread's next call, so the views are built once; per thread, because a
+        concurrent forward on another thread would overwrite D between a first layer and its followers."""
+        bufs = getattr(self.one_row, "bufs", None)
+        if bufs is None:
+            with torch.inference_mode(False):  # writable inside and outside inference_mode alike
+                h = self.a_t.new_empty(1, self.a_t.shape[1])
+                d = self.b.new_empty(1, self.b.shape[1])
+                bufs = self.one_row.bufs = (h, d, tuple(d[0, lo:hi] for lo, hi in self.cols))
+        return bufs
 
 
 class PlanEntry:
     """One layer's part of a plan for adapter `name`: its group, its columns of D, and W as (in, out) for addmm."""
 
-    __slots__ = ("name", "group", "lead", "lo", "hi", "w_t", "dtype", "device_type")
+    __slots__ = ("name", "group", "lead", "i", "lo", "hi", "w", "w_t", "dtype", "device_type", "in_features")
 
-    def __init__(self, name: str, group: _Group, lead: bool, lo: int, hi: int, layer: LoraLinear) -> None:
-        self.name, self.group, self.lead, self.lo, self.hi = name, group, lead, lo, hi
-        self.w_t = layer.weight_out_in().detach().t()  # a view: the plan copies no base weight
-        self.dtype, self.device_type = self.w_t.dtype, self.w_t.device.type
+    def __init__(self, name: str, group: _Group, i: int, layer: LoraLinear) -> None:
+        self.name, self.group, self.lead, self.i = name, group, i == 0, i
+        self.lo, self.hi = group.cols[i]
+        self.w = layer.weight_out_in().detach()  # (out, in) for F.linear; a view: the plan copies no base weight
+        self.w_t = self.w.t()  # (in, out) for addmm
+        self.dtype, self.device_type, self.in_features = self.w.dtype, self.w.device.type, layer.in_features
 
     def __call__(self, x: Tensor) -> Tensor | None:
         """The layer's output through the plan, or None where the plan does not apply to this call."""
@@ -77,7 +104,24 @@ class PlanEntry:
                 or torch.is_autocast_enabled(self.device_type)
                 or torch.compiler.is_compiling()):  # a traced graph cannot guard on x's identity and version
             return None
-        g, shape = self.group, x.shape
+        g = self.group
+        if x.numel() == self.in_features:  # one row (batch-1 decoding): D in this thread's buffers, no reshapes
+            if self.lead:
+                h, d, cols = g._one_row()
+                torch.mm(x.reshape(1, -1), g.a_t, out=h)
+                if g.bias is None:
+                    torch.mm(h, g.b, out=d)
+                else:
+                    torch.addmm(g.bias, h, g.b, out=d)
+                if g.shared:
+                    g.last = (x, _version(x), cols)
+            else:
+                last = g.last
+                if last is None or last[0] is not x or last[1] != _version(x):
+                    return None
+                cols = last[2]
+            return F.linear(x, self.w, cols[self.i])
+        shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self.lead:
             h = torch.mm(x2, g.a_t)  # (rows, Σr)
@@ -127,10 +171,9 @@ def plan_entries(model: nn.Module, adapter: str | None = None) -> dict[LoraLinea
         members = [layers[prefix + s][0] for s in siblings if prefix + s in layers and layers[prefix + s][1] == name]
         members = [m for m in members if m not in entries and m.weight_out_in().dtype == w.dtype
                    and m.weight_out_in().device == w.device]
-        group, lo = _Group(members, name), 0
+        group = _Group(members, name)
         for i, m in enumerate(members):
-            entries[m] = PlanEntry(name, group, i == 0, lo, lo + m.out_features, m)
-            lo += m.out_features
+            entries[m] = PlanEntry(name, group, i, m)
     return entries
 
 

@@ -166,3 +166,77 @@ def test_disabling_or_merging_inside_a_plan_is_not_overridden_by_it():
         merge(model)
         torch.testing.assert_close(model(input_ids=IDS).logits, dense(input_ids=IDS).logits, rtol=1e-5, atol=1e-5)
         unmerge(model)
+
+
+def _decode_logits(model, ids: torch.Tensor, steps: int) -> list[torch.Tensor]:
+    """Greedy decoding one row at a time with the KV cache: the logits of every step (prefill first)."""
+    out = model(input_ids=ids, use_cache=True)
+    logits, cache = [out.logits[:, -1]], out.past_key_values
+    for _ in range(steps):
+        nxt = logits[-1].argmax(-1, keepdim=True)
+        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+        logits.append(out.logits[:, -1])
+        cache = out.past_key_values
+    return logits
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_batch_one_decode_steps_take_the_one_row_path_and_equal_the_dense_model(kind, monkeypatch):
+    from lorakit.decode_plan import _Group
+
+    model, dense = _adapted(kind, "all-linear")  # GPT-2: Conv1D with biases, fused into the one-row D
+    one_row = _Group._one_row
+    calls = []
+    monkeypatch.setattr(_Group, "_one_row", lambda g: calls.append(g) or one_row(g))
+    with torch.no_grad():
+        want = _decode_logits(dense, IDS[:1], 8)
+    _no_fallback(monkeypatch)
+    with decode_plan(model):
+        with torch.inference_mode():  # the buffers made here are written under no_grad next, and the other way round
+            got_inference = _decode_logits(model, IDS[:1], 8)
+        with torch.no_grad():
+            got = _decode_logits(model, IDS[:1], 8)
+        with torch.inference_mode():
+            got_inference += _decode_logits(model, IDS[:1], 8)
+    # every decode step, in each of 4 groups a block (Llama: q/k/v, o, gate/up, down; GPT-2: c_attn, c_proj, c_fc,
+    # c_proj), in both blocks; the prefill (6 rows) takes the other path
+    assert len(calls) == 3 * 8 * 4 * 2
+    for g, w in zip(got + got_inference, want * 3, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_one_row_followers_check_the_input_and_threads_keep_their_own_buffers():
+    model, dense = _adapted("llama", "all-linear")
+    attn, ref = model.model.layers[0].self_attn, dense.model.layers[0].self_attn
+    x, other = torch.randn(1, 1, 32), torch.randn(1, 1, 32)
+    with torch.no_grad(), decode_plan(model):
+        attn.q_proj(x)
+        torch.testing.assert_close(attn.k_proj(other), ref.k_proj(other), rtol=1e-5, atol=1e-5)
+        x.add_(1.0)  # changed in place after the first layer wrote D: v must compute its own
+        torch.testing.assert_close(attn.v_proj(x), ref.v_proj(x), rtol=1e-5, atol=1e-5)
+
+    # Two threads decode different prompts through one plan at once: each step of each equals the dense model's.
+    import threading
+
+    prompts = [IDS[:1], IDS[1:]]
+    with torch.no_grad():
+        wants = [_decode_logits(dense, p, 12) for p in prompts]
+    results, errors = {}, []
+
+    def decode(i: int) -> None:
+        try:
+            with torch.no_grad():
+                for _ in range(5):
+                    results[i] = _decode_logits(model, prompts[i], 12)
+                    for g, w in zip(results[i], wants[i], strict=True):
+                        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+        except Exception as e:  # noqa: BLE001 - a thread's failure of any kind is reported by the main thread
+            errors.append(e)
+
+    with decode_plan(model):
+        threads = [threading.Thread(target=decode, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors and len(results) == 2
