@@ -68,19 +68,17 @@ class _Group:
         self.one_row = threading.local()  # per thread: buffers for one-row calls (see `_one_row`)
 
     def _one_row(self) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
-        """This thread's (h, D, each member's columns of D as 1-D views) for a call with one row of x.
+        """New buffers for this thread: (h, D, each member's columns of D as 1-D views) for calls with one row of x.
 
         A decoded token at batch 1 is one row: there, slicing D and reshaping x and y per layer cost as much as the
         LoRA arithmetic (benchmarks/RESULTS.md, session 12). Written in place by the first layer and read as each
         layer's bias by F.linear before the thread's next call, so the views are built once; per thread, because a
         concurrent forward on another thread would overwrite D between a first layer and its followers."""
-        bufs = getattr(self.one_row, "bufs", None)
-        if bufs is None:
-            with torch.inference_mode(False):  # writable inside and outside inference_mode alike
-                h = self.a_t.new_empty(1, self.a_t.shape[1])
-                d = self.b.new_empty(1, self.b.shape[1])
-                bufs = self.one_row.bufs = (h, d, tuple(d[0, lo:hi] for lo, hi in self.cols))
-        return bufs
+        with torch.inference_mode(False):  # writable inside and outside inference_mode alike
+            h = self.a_t.new_empty(1, self.a_t.shape[1])
+            d = self.b.new_empty(1, self.b.shape[1])
+        self.one_row.bufs = (h, d, tuple(d[0, lo:hi] for lo, hi in self.cols))
+        return self.one_row.bufs
 
 
 class PlanEntry:
@@ -107,7 +105,7 @@ class PlanEntry:
         g = self.group
         if x.numel() == self.in_features:  # one row (batch-1 decoding): D in this thread's buffers, no reshapes
             if self.lead:
-                h, d, cols = g._one_row()
+                h, d, cols = getattr(g.one_row, "bufs", None) or g._one_row()
                 torch.mm(x.reshape(1, -1), g.a_t, out=h)
                 if g.bias is None:
                     torch.mm(h, g.b, out=d)
