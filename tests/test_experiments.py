@@ -48,7 +48,7 @@ def test_targets_quick_through_the_cli_keeps_the_budget_equal(tiny_bert_dir, tmp
 
 
 @pytest.mark.parametrize("name,count", [("glue-mini", 60), ("lr-sweep", 15), ("rank", 5), ("targets", 7),
-                                        ("ner", 6), ("subspace", 4), ("parity", 30)])
+                                        ("ner", 6), ("subspace", 4), ("parity", 34)])
 def test_every_full_configuration_is_valid(tmp_path, name, count):
     specs = EXPERIMENTS[name].specs(False, None, tmp_path / name)
     assert len(specs) == count and len({s.name for s in specs}) == count
@@ -130,7 +130,7 @@ def _table_rows(markdown: str) -> list[list[str]]:
 
 
 PARITY_LABELS = ["full", "lora", "lora-long", "lora-plus", "lora-r16", "lora-bias", "lora-ln", "lora-drop",
-                 "lora-ln-drop", "lora-emb"]
+                 "lora-ln-drop", "lora-emb", "lora-ln-drop-r16", "lora-ln-drop-5ep"]
 
 
 def test_parity_quick_writes_a_row_per_recipe_and_its_figure(tiny_bert_dir, tmp_path):
