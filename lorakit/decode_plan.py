@@ -82,7 +82,8 @@ class _Group:
 
 
 class PlanEntry:
-    """One layer's part of a plan for adapter `name`: its group, its columns of D, and W as (in, out) for addmm."""
+    """One layer's part of a plan for adapter `name`: its group, its columns of D, and views of W as (out, in) for
+    F.linear (one row) and as (in, out) for addmm (several rows)."""
 
     __slots__ = ("name", "group", "lead", "i", "lo", "hi", "w", "w_t", "dtype", "device_type", "in_features")
 
