@@ -222,3 +222,20 @@ def test_report_only_writes_an_interim_report_from_the_finished_runs_and_trains_
     with pytest.raises(LoraConfigError, match="no finished runs"):
         run_experiment(Experiment("t", "", lambda q, s, o: two, report), tmp_path / "empty", quick=True,
                        model=tiny_bert_dir, log=lambda *_: None, report_only=True)
+
+
+def test_the_readmes_parity_command_trains_the_measured_recipe():
+    """README gives lora-ln-drop-5ep (the recipe within 0.3 points of full fine-tuning) as flags; they must build the
+    configuration the parity experiment measured."""
+    import re
+    from pathlib import Path
+
+    from experiments.parity import candidate
+    from lorakit.cli import build_parser
+    from lorakit.train.flags import config_from_args, given_fields
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    command = re.search(r"^\s+lorakit train --task sst2 (--extra_trainable .*)$", readme, re.M)
+    argv = ["--task", "sst2", *[a.strip("'") for a in command.group(1).split()]]
+    config = config_from_args(build_parser().parse_args(["train", *argv]), given_fields(argv))
+    assert config == TrainConfig.from_dict(candidate("lora-ln-drop-5ep"))
