@@ -67,6 +67,12 @@ class _Group:
         self.last: tuple[Tensor, int, object] | None = None
         self.one_row = threading.local()  # per thread: buffers for one-row calls (see `_one_row`)
 
+    def stored_for(self, x: Tensor) -> Tensor | tuple[Tensor, ...] | None:
+        """What the first layer stored for this very x (the same tensor, and outside inference_mode the same version),
+        else None: a later layer called with anything else computes its own."""
+        last = self.last
+        return last[2] if last is not None and last[0] is x and last[1] == _version(x) else None
+
     def _one_row(self) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
         """New buffers for this thread: (h, D, each member's columns of D as 1-D views) for calls with one row of x.
 
@@ -115,10 +121,9 @@ class PlanEntry:
                 if g.shared:
                     g.last = (x, _version(x), cols)
             else:
-                last = g.last
-                if last is None or last[0] is not x or last[1] != _version(x):
+                cols = g.stored_for(x)
+                if cols is None:
                     return None
-                cols = last[2]
             return F.linear(x, self.w, cols[self.i])
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
@@ -128,10 +133,9 @@ class PlanEntry:
             if g.shared:  # one tuple: another thread's call replaces it whole
                 g.last = (x, _version(x), d)
         else:
-            last = g.last
-            if last is None or last[0] is not x or last[1] != _version(x):
+            d = g.stored_for(x)
+            if d is None:
                 return None
-            d = last[2]
         return torch.addmm(d[:, self.lo:self.hi], x2, self.w_t).view(*shape[:-1], self.hi - self.lo)
 
 
