@@ -48,7 +48,7 @@ def test_targets_quick_through_the_cli_keeps_the_budget_equal(tiny_bert_dir, tmp
 
 
 @pytest.mark.parametrize("name,count", [("glue-mini", 60), ("lr-sweep", 15), ("rank", 5), ("targets", 7),
-                                        ("ner", 6), ("subspace", 4), ("parity", 34)])
+                                        ("ner", 6), ("subspace", 4), ("parity", 37)])
 def test_every_full_configuration_is_valid(tmp_path, name, count):
     specs = EXPERIMENTS[name].specs(False, None, tmp_path / name)
     assert len(specs) == count and len({s.name for s in specs}) == count
@@ -130,7 +130,7 @@ def _table_rows(markdown: str) -> list[list[str]]:
 
 
 PARITY_LABELS = ["full", "lora", "lora-long", "lora-plus", "lora-r16", "lora-bias", "lora-ln", "lora-drop",
-                 "lora-ln-drop", "lora-emb", "lora-ln-drop-r16", "lora-ln-drop-5ep"]
+                 "lora-ln-drop", "lora-emb", "lora-ln-drop-r16", "lora-ln-drop-5ep", "full-5ep"]
 
 
 def test_parity_quick_writes_a_row_per_recipe_and_its_figure(tiny_bert_dir, tmp_path):
@@ -179,7 +179,7 @@ def test_parity_full_and_lora_runs_are_glue_minis_so_the_runner_reuses_them(tmp_
         return {s.name: build_config(s, tmp_path, False, None) for s in specs}
 
     parity, glue = configs("parity"), configs("glue-mini")
-    shared = [n for n in parity if n.startswith(("sst2-full-", "sst2-lora-s"))]
+    shared = [n for n in parity if n.startswith(("sst2-full-s", "sst2-lora-s"))]
     assert len(shared) == 6 and all(parity[n] == glue[n] for n in shared)
 
 
