@@ -8,13 +8,13 @@ layers of one block that read the same input (q/k/v, gate/up: the groups vLLM an
     D  = (x·[A₁; …; Aₖ]ᵀ)·blockdiag(s₁B₁ᵀ, …, sₖBₖᵀ) + [b₁ … bₖ]    two small GEMMs per group, in its first layer
     yᵢ = x·Wᵢᵀ + D[:, columns of layer i]                            one addmm per layer, in place of the base's mm
 
-At one row (batch-1 decoding) D is written into per-thread buffers whose column views each layer reads as the bias of
-one F.linear: no reshape, slice or view per call (1.14x -> 1.10x a step). Every state check (active adapter, merged,
-disabled, dropout, dtypes) is done once, on entry, where the factors are copied; a call checks only what can differ
-between forwards (grad mode, a per-row adapter context, autocast, x's dtype, torch.compile tracing) and, in a group's
-later layers, that x is the very tensor (and, outside inference_mode, the same version) its first layer saw.
-Anything else runs the layer's own path. The model must not change inside the plan (lorakit's rule for a served
-model); on exit every layer is as it was, and nothing refers to the plan's tensors.
+At one row (batch-1 decoding) D is written into per-thread buffers whose column views each layer reads as the bias
+of one F.linear: no reshape, slice or view per call (1.13-1.15x -> 1.10-1.12x a step). Every state check (active
+adapter, merged, disabled, dropout, dtypes) is done once, on entry, where the factors are copied; a call checks only
+what can differ between forwards (grad mode, a per-row adapter context, autocast, x's dtype, torch.compile tracing)
+and, in a group's later layers, that x is the very tensor (and, outside inference_mode, the same version) its first
+layer saw. Anything else runs the layer's own path. The model must not change inside the plan (lorakit's rule for a
+served model); on exit every layer is as it was, and nothing refers to the plan's tensors.
 
 `decode_plan(model, adapter)` plans a named adapter instead of the active one, for forwards inside a per-row context
 where every row uses it; the server keeps such entries per adapter load version and sets them around each decode

@@ -1,11 +1,11 @@
 """Decode plans for engine steps whose rows all use one adapter (a single stream, or a batch under one adapter).
 
 Such a step runs the adapter's LoRA terms fused per group of layers that read one input (lorakit.decode_plan: at
-batch 1 on SmolLM2 all-linear ~1.13x the base's step instead of ~1.21x). The plan's factors are copies, so one is
-kept per adapter and load version (the registry gives every install a new version) and built again after a reload;
-the entries are set on the layers only around the step's forward, on the engine thread, which owns the model. Only
-an fp32 model uses plans: on a 16-bit base the per-row path adds the LoRA term computed in fp32, and a plan would
-compute it in the base's dtype.
+batch 1 on SmolLM2 all-linear ~1.10x the base's step instead of ~1.16x per row). The plan's factors are copies, so
+one is kept per adapter and load version (the registry gives every install a new version) and built again after a
+reload; the entries are set on the layers only around the step's forward, on the engine thread, which owns the
+model. Only an fp32 model uses plans: on a 16-bit base the per-row path adds the LoRA term computed in fp32, and a
+plan would compute it in the base's dtype.
 """
 
 from __future__ import annotations
