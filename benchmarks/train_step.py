@@ -23,6 +23,11 @@ but no LoRA work at all: the step no LoRA implementation can beat with the same 
 impls `full-hf` and `floor-hf` (smollm2) step full / floor the HF way, as PEFT is stepped. SmolLM2 defaults to
 3 timed steps after 1 warm-up per process (MiniLM: 6 after 3); --batch, --seq, --steps, --warmup override.
 BENCH_THREADS sets torch's threads (default: all cores). A failed worker stops the run with its stderr.
+
+`--allocator train` (default) sets glibc malloc as `lorakit train` sets it (lorakit/train/allocator.py: freed blocks
+stay in the heap, so steps do not fault their pages in again) in the workers that run `lorakit train`'s step
+(smollm2: lorakit, full, floor), and leaves the rest (PEFT, *-hf, MiniLM) at the defaults a user of those gets;
+`--allocator keep` sets it in every worker (like for like), `--allocator default` in none.
 """
 
 from __future__ import annotations
@@ -63,6 +68,11 @@ def worker(impl: str, targets: str, args: argparse.Namespace) -> dict:
     import torch
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
+    if args.allocator == "keep" or (args.allocator == "train" and args.model == "smollm2"
+                                    and impl in ("lorakit", "full", "floor")):
+        from lorakit.train.allocator import keep_freed_memory
+
+        keep_freed_memory()
     if args.model == "minilm":
         (step, trainable), fraction = step_builders.minilm_step(impl, targets, args), None
     else:
@@ -82,7 +92,7 @@ def worker(impl: str, targets: str, args: argparse.Namespace) -> dict:
 
 def run_once(impl: str, targets: str, precision: str, labels: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, "--model", args.model, "--targets", targets,
-           "--precision", precision, "--labels", labels]
+           "--precision", precision, "--labels", labels, "--allocator", args.allocator]
     for name in ("r", "dropout", "steps", "warmup", "batch", "seq"):
         cmd += [f"--{name}", str(getattr(args, name))]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -117,7 +127,8 @@ def report(args: argparse.Namespace, results: dict) -> None:
     threads = os.environ.get("BENCH_THREADS", os.cpu_count())
     task = ("MiniLM seq-cls" if args.model == "minilm" else "SmolLM2-135M-Instruct causal LM")
     print(f"\n{task}, batch {args.batch} x {args.seq} tokens, r={args.r}, dropout={args.dropout}, "
-          f"{args.rounds} rounds x {args.steps} steps after {args.warmup} warm-up, torch threads={threads}")
+          f"{args.rounds} rounds x {args.steps} steps after {args.warmup} warm-up, torch threads={threads}, "
+          f"allocator {args.allocator}")
     for precision in args.precision.split(","):
         for labels in args.labels.split(","):
             block = {k[2:]: v for k, v in med.items() if k[:2] == (precision, labels)}
@@ -173,6 +184,8 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32", help="comma list of fp32, bf16 (bf16: torch.autocast)")
     ap.add_argument("--labels", default="chat", help="smollm2: comma list of chat (answers only), all")
     ap.add_argument("--r", type=int, default=8)
+    ap.add_argument("--allocator", choices=("train", "keep", "default"), default="train",
+                    help="glibc malloc settings per worker (see above)")
     ap.add_argument("--rounds", type=int, default=3)
     for name in ("batch", "seq", "steps", "warmup"):
         ap.add_argument(f"--{name}", type=int, help="default: per model (see DEFAULTS)")

@@ -170,14 +170,17 @@ class _LeanLoraLinear(torch.autograd.Function):
         if need_b and ctx.has_bias:
             grad_b = g.sum(0)
         if need_x:
+            # Written into a tensor of x's own shape, not returned as a view: autograd sums the gradients of an
+            # input read by several layers (q/k/v, gate/up) in place only into a non-view (else one more N×in add).
+            grad_x = torch.empty(x.shape, dtype=g.dtype, device=g.device)
+            gx = grad_x.view(-1, x.shape[-1])  # (N, in)
             if keep is None and fold_pays(g.shape[0], *weight.shape):
-                grad_x = g @ _folded(w, weight, B, A, s)
+                torch.mm(g, _folded(w, weight, B, A, s), out=gx)
             else:
-                grad_x = gB @ A  # (N, in); in place below: no copy of the N×in term
+                torch.mm(gB, A, out=gx)  # in place below: no copy of the N×in term
                 if keep is not None:
-                    grad_x.mul_(keep)
-                grad_x.addmm_(g, w)
-            grad_x = grad_x.view(x.shape)
+                    gx.mul_(keep)
+                gx.addmm_(g, w)
         return grad_x, None, grad_b, grad_A, grad_B, None, None
 
 

@@ -289,3 +289,27 @@ def test_mixed_batch_with_many_adapters_takes_the_stacked_path(into):
     for i, k in enumerate(ids.tolist()):
         expect = torch.zeros(3, 4) if k < 0 else x[i] @ As[k].T @ Bs[k].T * scales[k]
         torch.testing.assert_close(out[i], expect, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [2, 512])  # both sides of fold_pays (the unfused and the folded backward)
+def test_an_input_read_by_several_lora_layers_gets_its_gradient_summed_in_place(rows):
+    """q/k/v (and gate/up) read one x: autograd sums their input gradients in place only if each layer returns a
+    fresh tensor, not a view (a view costs one more N×in add per extra reader). Values against the dense sum."""
+    torch.manual_seed(0)
+    x = torch.randn(4, rows // 4 or 1, 64)
+    Ws = [torch.randn(48, 64) / 8 for _ in range(3)]
+    As = [torch.randn(8, 64) / 8 for _ in range(3)]
+    Bs = [torch.randn(48, 8) / 8 for _ in range(3)]
+    ours = [t.clone().requires_grad_(True) for t in [x, *As, *Bs]]
+    refs = [t.clone().requires_grad_(True) for t in [x, *As, *Bs]]
+    h = ours[0] * 1.0  # not a leaf: its gradient goes through autograd's input buffer, as a hidden state's does
+    out = sum(lora_linear(h, W, None, A, B, 2.0) for W, A, B in zip(Ws, ours[1:4], ours[4:], strict=True))
+    ref = sum(F.linear(refs[0], W + 2.0 * B @ A) for W, A, B in zip(Ws, refs[1:4], refs[4:], strict=True))
+    g = torch.randn_like(ref)
+    with torch.profiler.profile() as prof:
+        out.backward(g)
+    ref.backward(g)
+    for o, r in zip(ours, refs, strict=True):
+        torch.testing.assert_close(o.grad, r.grad, rtol=1e-4, atol=1e-4)  # A's gradient sums up to 512 rows
+    calls = {e.key: e.count for e in prof.key_averages()}
+    assert calls.get("aten::add", 0) == 0 and calls.get("aten::add_", 0) >= 2, calls

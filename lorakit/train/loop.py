@@ -29,7 +29,7 @@ from torch import nn
 from lorakit.errors import LoraConfigError
 from lorakit.injection import count_parameters
 from lorakit.io import save_adapter, write_atomic
-from lorakit.train import checkpoint, distributed, report
+from lorakit.train import allocator, checkpoint, distributed, report
 from lorakit.train.config import TrainConfig, recipe_line
 from lorakit.train.data import collate, encode, load_task, make_batches, pad_token_id
 from lorakit.train.methods import load_trainable_state, param_groups, prepare, trainable_state
@@ -212,6 +212,7 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None) -
     ctx = distributed.init(config.device)
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads or auto_threads(ctx.local_world))
+    allocator.keep_freed_memory()  # every step reuses the last step's pages (see allocator.py)
     try:
         run = setup(config, ctx, model, tokenizer)  # every check happens here, before the first step
         if ctx.is_main:
