@@ -4,7 +4,7 @@ A training step allocates and frees the same large tensors (activations, their g
 step. With glibc's defaults, blocks above the dynamic mmap threshold (128 KB, growing to at most 32 MB) are mapped
 fresh on each allocation, and the heap's free top is trimmed back to the kernel, so every step faults its pages in
 again and the kernel zero-fills each one. On SmolLM2 with all-linear LoRA (batch 8 × 256, fp32, 2 threads) that was
-50k-160k minor page faults a step and ~15% of its time; with these settings ~0 (benchmarks/RESULTS.md, session 13).
+50k-160k minor page faults a step and ~5-10% of its time; with these settings ~0 (benchmarks/RESULTS.md, session 13).
 PyTorch's CPU tuning guide gets the same effect by preloading jemalloc or tcmalloc; this needs no extra library.
 
 The cost: memory freed after a peak stays with the process (its peak RSS is unchanged). A user's own
@@ -33,9 +33,10 @@ def keep_freed_memory() -> bool:
         return False
     try:
         libc = ctypes.CDLL(None)
-        mallopt, gnu_version = libc.mallopt, libc.gnu_get_libc_version
-    except (OSError, AttributeError):  # not glibc: its mallopt (if any) has other parameter numbers
+    except OSError:
         return False
-    del gnu_version
+    if not hasattr(libc, "gnu_get_libc_version"):  # not glibc: its mallopt (if any) has other parameter numbers
+        return False
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
