@@ -1,7 +1,7 @@
 """Training-step time and peak memory: lorakit vs HF PEFT, full fine-tuning and the zero-cost floor.
 
-Each measurement runs in a fresh process (so peak memory is that run's alone); implementations alternate
-round by round (the order reverses every round) and the report takes medians. r=8, α=16, AdamW.
+Each measurement runs in a fresh process (so peak memory is that run's alone); each round runs every (targets,
+implementation) cell once, the order reversing every round, and the report takes medians. r=8, α=16, AdamW.
 
     --model minilm    all-MiniLM-L6-v2 sequence classification, batch 32 x 128 random ids, LoRA dropout 0.1,
                       every step the HF loss (the default, as in RESULTS.md)
@@ -103,21 +103,22 @@ def run_once(impl: str, targets: str, precision: str, labels: str, args: argpars
 
 
 def measure(args: argparse.Namespace) -> dict[tuple[str, str, str, str], list[dict]]:
-    """{(precision, labels, impl, targets): runs}: every setting's rounds, implementations alternating."""
+    """{(precision, labels, impl, targets): runs}: every setting's rounds; within a round every (targets, impl)
+    cell once, the order reversed every round, so a drift of the machine's speed reaches every cell alike (the
+    all-linear / q,v ratio included)."""
     impls, all_targets = args.impls.split(","), args.targets.split(",")
+    cells = [(targets, impl) for targets in all_targets for impl in impls
+             if impl not in ONCE or targets == all_targets[0]]
     results: dict[tuple[str, str, str, str], list[dict]] = {}
     for precision in args.precision.split(","):
         for labels in args.labels.split(","):
-            for targets in all_targets:
-                for rnd in range(args.rounds):
-                    for impl in impls if rnd % 2 == 0 else impls[::-1]:  # alternate who goes first
-                        if impl in ONCE and targets != all_targets[0]:
-                            continue
-                        res = run_once(impl, targets, precision, labels, args)
-                        results.setdefault((precision, labels, impl, targets), []).append(res)
-                        print(f"  {precision} {labels} round {rnd + 1}: {impl:8s} {targets:10s} step "
-                              f"{res['step_s'] * 1000:8.1f} ms (cpu {res['cpu_s'] * 1000:8.1f} ms) peak "
-                              f"{res['peak_mb']:8.0f} MB", file=sys.stderr, flush=True)
+            for rnd in range(args.rounds):
+                for targets, impl in cells if rnd % 2 == 0 else cells[::-1]:
+                    res = run_once(impl, targets, precision, labels, args)
+                    results.setdefault((precision, labels, impl, targets), []).append(res)
+                    print(f"  {precision} {labels} round {rnd + 1}: {impl:8s} {targets:10s} step "
+                          f"{res['step_s'] * 1000:8.1f} ms (cpu {res['cpu_s'] * 1000:8.1f} ms) peak "
+                          f"{res['peak_mb']:8.0f} MB", file=sys.stderr, flush=True)
     return results
 
 
