@@ -29,6 +29,7 @@ MINILM_TARGETS = {"qv": ["query", "value"], "all-linear": "all-linear"}
 LM_TARGETS = {"qv": ["q_proj", "v_proj"], "all-linear": "all-linear"}
 SYSTEM = "You describe restaurants in one or two sentences, from the attributes the user lists."
 LR = 1e-4
+LORAKIT_STEP = ("lorakit", "full", "floor")  # smollm2 impls stepped by `lorakit train`'s own `_optimizer_step`
 
 
 def zero_cost_lora(model: torch.nn.Module, targets, keep: tuple[str, ...]) -> None:
@@ -159,7 +160,7 @@ def lm_step(impl: str, targets: str, args):
     if impl == "floor":
         run.optimizer = torch.optim.AdamW(param_groups(run.model, config), lr=LR)
         run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, lambda step: 1.0)
-    if impl in ("lorakit", "full", "floor"):
+    if impl in LORAKIT_STEP:
         net = distributed.wrap(step_module(run.model, run.kind), run.ctx)  # what train() builds
         group = [list(range(args.batch))]
         return (lambda: _optimizer_step(run, net, group)), _trainable(run.model), label_fraction(batch["labels"])

@@ -69,7 +69,7 @@ def worker(impl: str, targets: str, args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
     if args.allocator == "keep" or (args.allocator == "train" and args.model == "smollm2"
-                                    and impl in ("lorakit", "full", "floor")):
+                                    and impl in step_builders.LORAKIT_STEP):
         from lorakit.train.allocator import keep_freed_memory
 
         keep_freed_memory()
