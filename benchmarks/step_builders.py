@@ -8,7 +8,8 @@ as user/assistant turns after a system prompt, rendered by the model's chat temp
 `lorakit train --task chat` encodes them (labels on the assistant answers only, every row cut from its start
 to `seq` tokens). `--labels all` labels every token instead. Steps:
     lorakit   the loop's own `_optimizer_step` (forward on the labelled positions, the fp32 loss fused with the
-              LM head a chunk of rows at a time, backward, AdamW) on the `Run` that `setup` builds for `--method lora`
+              LM head a chunk of rows at a time, backward, AdamW) on the `Run` that `setup` builds for `--method lora`,
+              inside the `train_plan` that `train` holds around its loop
     full      the same step, `--method full` (every parameter trains)
     floor     the same step on the frozen model with `zero_cost_lora` on the targets
     peft      get_peft_model + `model(input_ids, attention_mask, labels=...).loss.backward()` + AdamW
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -138,6 +140,7 @@ def lm_step(impl: str, targets: str, args):
     from lorakit.train.loop import _optimizer_step, setup
     from lorakit.train.methods import param_groups
     from lorakit.train.tasks import load_tokenizer, step_module
+    from lorakit.train_plan import train_plan
 
     path = resolve_model("smollm2")
     tmp = Path(tempfile.mkdtemp(prefix="train_step_"))
@@ -163,7 +166,10 @@ def lm_step(impl: str, targets: str, args):
     if impl in LORAKIT_STEP:
         net = distributed.wrap(step_module(run.model, run.kind), run.ctx)  # what train() builds
         group = [list(range(args.batch))]
-        return (lambda: _optimizer_step(run, net, group)), _trainable(run.model), label_fraction(batch["labels"])
+        plan = ExitStack()  # the training plan train() holds around its loop, held here for the worker's life
+        plan.enter_context(train_plan(run.model))
+        return ((lambda plan=plan: _optimizer_step(run, net, group)), _trainable(run.model),
+                label_fraction(batch["labels"]))
     model = run.model  # peft, full-hf, floor-hf: the HF loss on the same rows
     if impl == "peft":
         from peft import LoraConfig, get_peft_model

@@ -21,11 +21,12 @@ from .errors import AdapterFileError, AdapterNotFound, LoraConfigError, LoraErro
 from .injection import count_parameters, inject, lora_modules, parameter_table, select
 from .io import load_adapter, save_adapter
 from .rows import adapter_rows
+from .train_plan import train_plan
 
 __all__ = [
     "AdapterFileError", "AdapterNotFound", "LoraConfig", "LoraConfigError", "LoraError", "LoraStateError",
     "active_adapters", "adapter_rows", "combine", "count_parameters", "decode_plan", "delete_adapter", "disabled",
     "inject", "load_adapter", "lora_modules", "merge", "merge_and_unload", "per_row_adapters", "parameter_table",
-    "save_adapter", "select", "set_adapter", "unmerge",
+    "save_adapter", "select", "set_adapter", "train_plan", "unmerge",
 ]
 __version__ = "0.1.0"

@@ -33,11 +33,7 @@ from torch import Tensor, nn
 
 from .layers import LoraLinear
 from .rows import current_rows
-
-# Sibling layer names that read one input in the architectures lorakit adapts (Llama/Mistral/Qwen, BERT/RoBERTa,
-# T5), in the order their block calls them: a group's first eligible layer computes for all of it.
-SHARED_INPUT: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"),
-                                             ("query", "key", "value"), ("q", "k", "v"))
+from .shared_input import input_groups
 
 
 class _Group:
@@ -158,22 +154,8 @@ def plan_entries(model: nn.Module, adapter: str | None = None) -> dict[LoraLinea
     """{layer: its plan entry} for every LoraLinear the plan can run: not merged or disabled, a floating-point base,
     no dropout in training mode, and factors of `adapter` (None: of the layer's one active adapter) in it. Built in
     full before anything is set; copies the factors, never a base weight."""
-    layers = {}
-    for path, m in model.named_modules():
-        name = _eligible(m, adapter)
-        if name is not None:
-            layers[path] = (m, name)
     entries: dict[LoraLinear, PlanEntry] = {}
-    for path, (layer, name) in layers.items():
-        if layer in entries:
-            continue
-        parent, _, leaf = path.rpartition(".")
-        prefix = f"{parent}." if parent else ""
-        siblings = next((s for s in SHARED_INPUT if leaf in s), (leaf,))
-        w = layer.weight_out_in()
-        members = [layers[prefix + s][0] for s in siblings if prefix + s in layers and layers[prefix + s][1] == name]
-        members = [m for m in members if m not in entries and m.weight_out_in().dtype == w.dtype
-                   and m.weight_out_in().device == w.device]
+    for name, members in input_groups(model, lambda m: _eligible(m, adapter)):
         group = _Group(members, name)
         for i, m in enumerate(members):
             entries[m] = PlanEntry(name, group, i, m)

@@ -184,6 +184,65 @@ class _LeanLoraLinear(torch.autograd.Function):
         return grad_x, None, grad_b, grad_A, grad_B, None, None
 
 
+class _SharedInputLora(torch.autograd.Function):
+    """k LoRA layers that read one x (q/k/v, gate/up; lorakit.train_plan) as one autograd function, training
+    batches only (every member's fold pays): yᵢ = x·(Wᵢ + sᵢ·Bᵢ·Aᵢ)ᵀ + bᵢ, W frozen, all in x's dtype.
+
+    Same arithmetic as k `_LeanLoraLinear` calls on the fold path, with x·[A₁; …; Aₖ]ᵀ and the A's gradient one
+    product each and x's gradient summed in one buffer by addmm_. What it saves is mostly per call, in a real step:
+    the k functions' frames and autograd nodes (SmolLM2 all-linear, batch 8 × 256: 4.4% of a step; the same shared
+    products with one function per layer saved nothing measurable; benchmarks/RESULTS.md, session 14).
+    Inputs: x, the scales (a tuple), then W₁…Wₖ, b₁…bₖ (None allowed), A₁…Aₖ, B₁…Bₖ. Outputs: y₁…yₖ.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scales, *params):
+        k = len(scales)
+        Ws, bs, As, Bs = (params[j * k:(j + 1) * k] for j in range(4))
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        xa = torch.cat(As) @ x2.t()  # (Σr, N): one pass over x; BLAS's fast order (see _rank_product)
+        outs = tuple(F.linear(x2, torch.addmm(W, B, A, alpha=s), b).view(*x.shape[:-1], W.shape[0])
+                     for W, b, A, B, s in zip(Ws, bs, As, Bs, scales, strict=True))
+        ctx.save_for_backward(x, xa, *Ws, *As, *Bs)
+        ctx.scales = scales
+        ctx.set_materialize_grads(False)  # an output nobody used gets None here, not an N×out tensor of zeros
+        return outs
+
+    @staticmethod
+    def backward(ctx, *gs):
+        x, xa, *rest = ctx.saved_tensors
+        scales, need = ctx.scales, ctx.needs_input_grad
+        k = len(scales)
+        Ws, As, Bs = rest[:k], rest[k:2 * k], rest[2 * k:]
+        x2 = x.reshape(-1, x.shape[-1])
+        gB = xa.new_zeros(xa.shape) if any(g is None for g in gs) else torch.empty_like(xa)  # (Σr, N) = (g·B)ᵀ
+        grad_x = gx = None
+        grad_bs, grad_Bs = [None] * k, [None] * k
+        bounds = [0]
+        for A in As:
+            bounds.append(bounds[-1] + A.shape[0])
+        for i, (W, A, B, s, g) in enumerate(zip(Ws, As, Bs, scales, gs, strict=True)):
+            lo, hi = bounds[i], bounds[i + 1]  # member i's rows of xa and gB
+            if g is None:
+                continue
+            g2 = g.reshape(-1, g.shape[-1])  # (N, out)
+            torch.mm(B.t(), g2.t(), out=gB[lo:hi]).mul_(s)
+            if need[2 + 3 * k + i]:
+                grad_Bs[i] = (xa[lo:hi] @ g2).mul_(s).t()  # (out, r)
+            if need[2 + k + i]:
+                grad_bs[i] = g2.sum(0)
+            if need[0]:
+                folded = torch.addmm(W, B, A, alpha=s)
+                if gx is None:
+                    grad_x = torch.empty(x.shape, dtype=g2.dtype, device=g2.device)
+                    gx = grad_x.view(-1, x.shape[-1])
+                    torch.mm(g2, folded, out=gx)
+                else:
+                    gx.addmm_(g2, folded)  # summed in place: no N×in add per member
+        grad_As = (gB @ x2).split([A.shape[0] for A in As]) if any(need[2 + 2 * k:2 + 3 * k]) else [None] * k
+        return (grad_x, None, *[None] * k, *grad_bs, *grad_As, *grad_Bs)
+
+
 def mixed_lora_delta(x: Tensor, groups: list[tuple[Tensor, Tensor, Tensor, float]],
                      out: Tensor | None = None) -> Tensor:
     """The LoRA delta for a batch whose rows use different adapters, in one call.

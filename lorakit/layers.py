@@ -260,6 +260,7 @@ class LoraLinear(LoraModule):
         return delta.t() if self.fan_in_fan_out else delta
 
     _plan = None  # a decode_plan's entry for this layer, set in the instance while the plan runs
+    _train_plan = None  # a train_plan's entry, likewise
 
     def forward(self, x: Tensor) -> Tensor:
         # Runs once per adapted layer per decoded token (210 times a token on SmolLM2 all-linear), so it reads
@@ -267,6 +268,11 @@ class LoraLinear(LoraModule):
         plan = self._plan  # its entry was built unmerged and enabled: a flag changed since means its own path
         if plan is not None and not torch.is_grad_enabled() and not self.disabled and not self.merged:
             y = plan(x)
+            if y is not None:
+                return y
+        train_plan = self._train_plan
+        if train_plan is not None and torch.is_grad_enabled() and not self.disabled and not self.merged:
+            y = train_plan(x)
             if y is not None:
                 return y
         base = self._modules["base_layer"]
@@ -359,7 +365,8 @@ class LoraLinear(LoraModule):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_bt"] = {}  # a cache of weak references: rebuilt on use, never pickled
-        state.pop("_plan", None)  # a running decode plan's entry belongs to that plan, not to a copy
+        state.pop("_plan", None)  # a running decode or training plan's entry belongs to that plan, not to a copy
+        state.pop("_train_plan", None)
         return state
 
     def _b_t(self, name: str, B: Tensor, dtype: torch.dtype) -> Tensor:

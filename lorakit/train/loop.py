@@ -45,6 +45,7 @@ from lorakit.train.tasks import (
     step_module,
     summed_loss,
 )
+from lorakit.train_plan import train_plan
 
 TRAINABLE_FILE = "trainable.safetensors"  # the "adapter" of methods other than lora: the trained tensors
 RUN_INFO = "task.json"  # beside config.json: what eval/predict need to rebuild the model (kind, labels, base)
@@ -222,30 +223,34 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None) -
         metrics_path = Path(config.out) / "metrics.jsonl"
         bar = report.progress_bar(run.total_steps, prog.step, ctx.is_main and config.progress)
         step_times: list[float] = []
-        while prog.step < run.total_steps:
-            groups = _epoch_groups(run, prog.epoch)
-            for group in groups[prog.position:]:
-                t0 = time.perf_counter()
-                lr = run.scheduler.get_last_lr()[0]  # the lr this step uses (first group's)
-                loss, n_examples = _optimizer_step(run, net, group)
-                step_times.append(time.perf_counter() - t0)
-                prog.step, prog.position = prog.step + 1, prog.position + 1
-                row = {"split": "train", "step": prog.step, "epoch": prog.epoch, "loss": loss, "lr": lr,
-                       "examples_per_s": n_examples / step_times[-1]}
-                if ctx.is_main:
-                    report.append_metrics(metrics_path, row)
-                bar.set_postfix({"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "ex/s": f"{row['examples_per_s']:.1f}"},
-                                refresh=False)
-                bar.update(1)
-                end_of_epoch, done = prog.position == len(groups), prog.step == run.total_steps
-                if done or (prog.step % config.eval_every == 0 if config.eval_every else end_of_epoch):
-                    best_state = _evaluate(run, prog, best_state, metrics_path)
-                if end_of_epoch:
-                    prog.epoch, prog.position = prog.epoch + 1, 0
-                if done:
-                    break
-                if config.checkpoint_every and prog.step % config.checkpoint_every == 0:
-                    _checkpoint(run, prog, best_state)
+        # q/k/v and gate/up as one autograd function per block from the second step on (lorakit/train_plan.py);
+        # not with activation checkpointing, whose recomputation must save what the forward saved
+        plan = nullcontext() if config.gradient_checkpointing else train_plan(run.model)
+        with plan:
+            while prog.step < run.total_steps:
+                groups = _epoch_groups(run, prog.epoch)
+                for group in groups[prog.position:]:
+                    t0 = time.perf_counter()
+                    lr = run.scheduler.get_last_lr()[0]  # the lr this step uses (first group's)
+                    loss, n_examples = _optimizer_step(run, net, group)
+                    step_times.append(time.perf_counter() - t0)
+                    prog.step, prog.position = prog.step + 1, prog.position + 1
+                    row = {"split": "train", "step": prog.step, "epoch": prog.epoch, "loss": loss, "lr": lr,
+                           "examples_per_s": n_examples / step_times[-1]}
+                    if ctx.is_main:
+                        report.append_metrics(metrics_path, row)
+                    bar.set_postfix({"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "ex/s": f"{row['examples_per_s']:.1f}"},
+                                    refresh=False)
+                    bar.update(1)
+                    end_of_epoch, done = prog.position == len(groups), prog.step == run.total_steps
+                    if done or (prog.step % config.eval_every == 0 if config.eval_every else end_of_epoch):
+                        best_state = _evaluate(run, prog, best_state, metrics_path)
+                    if end_of_epoch:
+                        prog.epoch, prog.position = prog.epoch + 1, 0
+                    if done:
+                        break
+                    if config.checkpoint_every and prog.step % config.checkpoint_every == 0:
+                        _checkpoint(run, prog, best_state)
         bar.close()
         return _finish(run, prog, best_state, step_times)
     finally:

@@ -123,6 +123,31 @@ def test_micro_batches_give_the_gradient_of_the_global_batch(tmp_path, tiny_bert
     torch.testing.assert_close(deltas[1], ref, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_train_runs_q_k_v_and_gate_up_as_one_function_from_its_second_step(tmp_path, tiny_llama_dir, checkpointing):
+    """lorakit.train_plan around the loop (not with activation checkpointing, which must recompute what it saved)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    mlp, seen = model.model.layers[0].mlp, []
+
+    def hook(m, args, out):  # on every module: gate_proj is replaced by its LoRA layer once training sets up
+        if m is mlp.gate_proj:
+            seen.append(torch.is_grad_enabled() and type(out.grad_fn).__name__)
+
+    config = _config(tmp_path, tiny_llama_dir, "e2e", targets="all-linear", max_steps=3, eval_every=0,
+                     max_length=128, gradient_checkpointing=checkpointing)
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        train(config, model=model)
+    finally:
+        handle.remove()
+    steps = [name for name in seen if name][:3]  # the training forwards (evaluation runs without gradients)
+    fused = "_SharedInputLoraBackward"
+    assert steps == (["_LeanLoraLinearBackward"] * 3 if checkpointing else ["_LeanLoraLinearBackward", fused, fused])
+    assert not any("_train_plan" in m.__dict__ for m in model.modules())
+
+
 def _sgd_step_delta(config) -> torch.Tensor:
     """The change of every trainable value after one SGD step at lr 1 on examples 0..7: minus the gradient."""
     run = setup(config, distributed.Context())
