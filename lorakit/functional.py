@@ -190,8 +190,9 @@ class _SharedInputLora(torch.autograd.Function):
 
     Same arithmetic as k `_LeanLoraLinear` calls on the fold path, with x·[A₁; …; Aₖ]ᵀ and the A's gradient one
     product each and x's gradient summed in one buffer by addmm_. What it saves is mostly per call, in a real step:
-    the k functions' frames and autograd nodes (SmolLM2 all-linear, batch 8 × 256: 4.4% of a step; the same shared
-    products with one function per layer saved nothing measurable; benchmarks/RESULTS.md, session 14).
+    the k functions' frames and autograd nodes (SmolLM2 all-linear, batch 8 × 256: ~2% of the layers' forward and
+    backward; the same shared products with one function per layer saved nothing measurable; benchmarks/RESULTS.md,
+    session 14).
     Inputs: x, the scales (a tuple), then W₁…Wₖ, b₁…bₖ (None allowed), A₁…Aₖ, B₁…Bₖ. Outputs: y₁…yₖ.
     """
 

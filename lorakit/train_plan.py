@@ -4,8 +4,8 @@ Each adapted layer of a training step is a forward and a backward of its own aut
 products over its input or output gradient. Inside `train_plan(model)`, a group of layers that read one tensor
 (lorakit.shared_input) is computed by its first layer in one function (functional._SharedInputLora): one product
 x·[A₁; …; Aₖ]ᵀ, one for every A's gradient, x's gradient summed in one buffer, one node instead of k. On SmolLM2
-all-linear (batch 8 × 256) that takes 4.4% off a step, 1% off q,v (benchmarks/RESULTS.md, session 14). Loss and
-gradients equal the dense formula's.
+all-linear (batch 8 × 256) that takes ~2% off the layers' forward and backward, ~1% for q,v (benchmarks/RESULTS.md,
+session 14). Loss and gradients equal the dense formula's.
 
 A group is a guess from names, so the plan confirms it before fusing: the first forward in the plan runs every
 layer on its own path and watches whether the later members are called with the very tensor (same version) the
