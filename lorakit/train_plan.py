@@ -22,8 +22,9 @@ A call takes its layer's own path unless it is what the plan was built for: grad
 adapters, no torch.compile tracing, x in the weights' dtype, every member still enabled, unmerged, with the same one
 active adapter, no dropout in training mode (each layer draws its own mask), and enough rows that folding B·A into
 W pays (training batches, `fold_pays`). Not with activation checkpointing: a group confirmed between a forward and
-its recomputation would save other tensors, which torch.utils.checkpoint refuses (`lorakit train` leaves the plan
-out when --gradient_checkpointing is on).
+its recomputation would save other tensors, which torch.utils.checkpoint refuses, so the plan covers nothing in a
+transformers model with checkpointing on (`--gradient_checkpointing`); torch.utils.checkpoint called in your own
+model's forward it cannot see: do not enter the plan around that.
 """
 
 from __future__ import annotations
@@ -110,6 +111,16 @@ class TrainEntry:
         return None
 
 
+def _checkpointing(model: nn.Module) -> bool:
+    """Does transformers recompute this model's blocks in backward? (`is_activation_checkpointing`, formerly
+    `is_gradient_checkpointing`.) Other checkpointing, e.g. torch.utils.checkpoint called in your own model's
+    forward, is not visible here: do not enter the plan around it."""
+    flag = getattr(model, "is_activation_checkpointing", None)
+    if flag is None and "is_activation_checkpointing" not in dir(type(model)):
+        flag = getattr(model, "is_gradient_checkpointing", False)
+    return bool(flag)
+
+
 def _eligible(m: nn.Module) -> str | None:
     """The one active adapter a training plan computes in layer `m`, or None if it cannot."""
     if (type(m) is not LoraLinear or m.disabled or m.merged or len(m.active) != 1 or m.fan_in_fan_out
@@ -121,8 +132,10 @@ def _eligible(m: nn.Module) -> str | None:
 
 def train_entries(model: nn.Module) -> dict[LoraLinear, TrainEntry]:
     """{layer: its entry} for the layers of every group of two or more that read one input (a layer alone keeps
-    its own path: there is nothing to share)."""
+    its own path: there is nothing to share); none for a transformers model with activation checkpointing on."""
     entries: dict[LoraLinear, TrainEntry] = {}
+    if _checkpointing(model):
+        return entries
     for name, members in input_groups(model, _eligible):
         if len(members) > 1:
             group = _Group(members, name)

@@ -158,3 +158,18 @@ def test_on_exit_no_layer_keeps_the_plan_or_its_tensors():
     assert not any("_train_plan" in m.__dict__ for m in model.modules())
     out = model(**inputs).logits
     assert _count(out.grad_fn, FUSED) == 0
+
+
+def test_a_model_with_activation_checkpointing_is_not_covered_and_trains_as_the_dense_formulas(monkeypatch):
+    # A group confirmed between a block's forward and its recomputation would save other tensors, which
+    # torch.utils.checkpoint refuses: the plan must cover nothing there.
+    model = _adapted("llama")
+    model.activation_checkpointing_enable()
+    inputs = tiny_inputs("llama", seq=12)
+    want = _reference(model, inputs, monkeypatch)
+    with train_plan(model) as covered:
+        steps = [_step(model, inputs) for _ in range(3)]
+    assert covered == 0
+    for *got, fused in steps:
+        assert fused == 0
+        _assert_equal(got, want)

@@ -223,10 +223,9 @@ def train(config: TrainConfig, model: nn.Module | None = None, tokenizer=None) -
         metrics_path = Path(config.out) / "metrics.jsonl"
         bar = report.progress_bar(run.total_steps, prog.step, ctx.is_main and config.progress)
         step_times: list[float] = []
-        # q/k/v and gate/up as one autograd function per block from the second step on (lorakit/train_plan.py);
-        # not with activation checkpointing, whose recomputation must save what the forward saved
-        plan = nullcontext() if config.gradient_checkpointing else train_plan(run.model)
-        with plan:
+        # q/k/v and gate/up as one autograd function per block from the second step on (lorakit/train_plan.py;
+        # it covers nothing with activation checkpointing on, whose recomputation must save what the forward saved)
+        with train_plan(run.model):
             while prog.step < run.total_steps:
                 groups = _epoch_groups(run, prog.epoch)
                 for group in groups[prog.position:]:
