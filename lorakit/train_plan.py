@@ -96,19 +96,26 @@ class TrainEntry:
                 return outs[0]
             g.probe = (x, x._version, 1)
             return None
-        same = (lambda held: held is not None and held[0] is x and held[1] == x._version)
         if g.outs is not None:
-            if same(g.outs):
+            if _holds(g.outs, x):
                 y = g.outs[2][i]
                 if i == len(g.members) - 1:
                     g.outs = None  # the last member: let go of x and the outputs
                 return y
             g.outs, g.confirmed = None, False  # a member read another input: watch the group again
-        elif not g.confirmed and same(g.probe) and g.probe[2] == i:
-            g.probe = (x, x._version, i + 1)
-            if i == len(g.members) - 1:
-                g.confirmed, g.probe = True, None
+        elif not g.confirmed:
+            if _holds(g.probe, x) and g.probe[2] == i:
+                g.probe = (x, x._version, i + 1)
+                if i == len(g.members) - 1:
+                    g.confirmed, g.probe = True, None
+            else:
+                g.probe = None  # not this step: let go of the first member's x
         return None
+
+
+def _holds(held: tuple | None, x: Tensor) -> bool:
+    """Was `held` recorded for this very x, unchanged since (the same tensor at the same version)?"""
+    return held is not None and held[0] is x and held[1] == x._version
 
 
 def _checkpointing(model: nn.Module) -> bool:
