@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from .layers import LoraLinear
 from .rows import current_rows
-from .shared_input import input_groups
+from .shared_input import input_groups, set_on_layers
 
 
 class _Group:
@@ -166,14 +166,11 @@ def plan_entries(model: nn.Module, adapter: str | None = None) -> dict[LoraLinea
 def installed(entries: dict[LoraLinear, PlanEntry]) -> Iterator[int]:
     """Set built plan entries on their layers for the block (yields how many); a server keeps `plan_entries` built
     per adapter version and installs them around each step whose rows all use that adapter."""
-    for layer, entry in entries.items():
-        layer.__dict__["_plan"] = entry
     try:
-        yield len(entries)
+        with set_on_layers(entries, "_plan") as n:
+            yield n
     finally:
-        for layer, entry in entries.items():
-            if layer.__dict__.get("_plan") is entry:  # a nested or concurrent plan may have replaced it
-                del layer.__dict__["_plan"]
+        for entry in entries.values():
             entry.group.last = None
 
 

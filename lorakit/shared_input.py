@@ -9,7 +9,8 @@ alone otherwise.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from torch import nn
 
@@ -45,3 +46,17 @@ def input_groups(model: nn.Module, eligible: Callable[[nn.Module], str | None]
         seen.update(members)
         groups.append((name, members))
     return groups
+
+
+@contextmanager
+def set_on_layers(entries: dict[LoraLinear, object], attr: str) -> Iterator[int]:
+    """Set each layer's plan entry as instance attribute `attr` for the block (yields how many), and remove exactly
+    those on exit: a nested or concurrent plan may have replaced one meanwhile, and keeps it."""
+    for layer, entry in entries.items():
+        layer.__dict__[attr] = entry
+    try:
+        yield len(entries)
+    finally:
+        for layer, entry in entries.items():
+            if layer.__dict__.get(attr) is entry:
+                del layer.__dict__[attr]

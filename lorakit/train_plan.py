@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from .functional import _SharedInputLora, fold_pays
 from .layers import LoraLinear
 from .rows import current_rows
-from .shared_input import input_groups
+from .shared_input import input_groups, set_on_layers
 
 
 class _Group:
@@ -156,12 +156,9 @@ def train_plan(model: nn.Module) -> Iterator[int]:
     """Train `model`'s LoRA layers that read one input as one autograd function per group inside the block (yields
     how many layers it covers); see the module's docstring. Do not add, delete, activate or merge adapters inside."""
     entries = train_entries(model)
-    for layer, entry in entries.items():
-        layer.__dict__["_train_plan"] = entry
     try:
-        yield len(entries)
+        with set_on_layers(entries, "_train_plan") as n:
+            yield n
     finally:
-        for layer, entry in entries.items():
-            if layer.__dict__.get("_train_plan") is entry:
-                del layer.__dict__["_train_plan"]
+        for entry in entries.values():
             entry.group.outs = entry.group.probe = None
