@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from .layers import LoraLinear
 from .rows import current_rows
-from .shared_input import input_groups, set_on_layers
+from .shared_input import holds, input_groups, set_on_layers, version
 
 
 class _Group:
@@ -67,7 +67,7 @@ class _Group:
         """What the first layer stored for this very x (the same tensor, and outside inference_mode the same version),
         else None: a later layer called with anything else computes its own."""
         last = self.last
-        return last[2] if last is not None and last[0] is x and last[1] == _version(x) else None
+        return last[2] if holds(last, x) else None
 
     def _one_row(self) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
         """New buffers for this thread: (h, D, each member's columns of D as 1-D views) for calls with one row of x.
@@ -115,7 +115,7 @@ class PlanEntry:
                 else:
                     torch.addmm(g.bias, h, g.b, out=d)
                 if g.shared:
-                    g.last = (x, _version(x), cols)
+                    g.last = (x, version(x), cols)
             else:
                 cols = g.stored_for(x)
                 if cols is None:
@@ -127,17 +127,12 @@ class PlanEntry:
             h = torch.mm(x2, g.a_t)  # (rows, Σr)
             d = torch.mm(h, g.b) if g.bias is None else torch.addmm(g.bias, h, g.b)  # (rows, Σout)
             if g.shared:  # one tuple: another thread's call replaces it whole
-                g.last = (x, _version(x), d)
+                g.last = (x, version(x), d)
         else:
             d = g.stored_for(x)
             if d is None:
                 return None
         return torch.addmm(d[:, self.lo:self.hi], x2, self.w_t).view(*shape[:-1], self.hi - self.lo)
-
-
-def _version(x: Tensor) -> int:
-    # inference_mode tensors keep no version counter: for them the same tensor is the whole check (-1)
-    return -1 if x.is_inference() else x._version
 
 
 def _eligible(m: nn.Module, adapter: str | None) -> str | None:

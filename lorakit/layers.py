@@ -270,11 +270,8 @@ class LoraLinear(LoraModule):
             y = plan(x)
             if y is not None:
                 return y
-        train_plan = self._train_plan
-        if train_plan is not None and torch.is_grad_enabled() and not self.disabled and not self.merged:
-            y = train_plan(x)
-            if y is not None:
-                return y
+        if self._train_plan is not None and torch.is_grad_enabled() and (y := self._train_plan(x)) is not None:
+            return y  # a train_plan entry checks every member's state itself (disabled, merged, active, dropout)
         base = self._modules["base_layer"]
         if self.disabled:
             return base(x)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from torch import nn
+from torch import Tensor, nn
 
 from .layers import LoraLinear
 
@@ -46,6 +46,17 @@ def input_groups(model: nn.Module, eligible: Callable[[nn.Module], str | None]
         seen.update(members)
         groups.append((name, members))
     return groups
+
+
+def version(x: Tensor) -> int:
+    """x's in-place version counter; -1 for an inference tensor, which keeps none (the same tensor is the check)."""
+    return -1 if x.is_inference() else x._version
+
+
+def holds(held: tuple | None, x: Tensor) -> bool:
+    """Was `held` = (x, version, ...) recorded by a group's first member for this very x, unchanged since? A later
+    member called with anything else computes its own."""
+    return held is not None and held[0] is x and held[1] == version(x)
 
 
 @contextmanager

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from .functional import _SharedInputLora, fold_pays
 from .layers import LoraLinear
 from .rows import current_rows
-from .shared_input import input_groups, set_on_layers
+from .shared_input import holds, input_groups, set_on_layers, version
 
 
 class _Group:
@@ -58,11 +58,9 @@ class _Group:
     def runnable(self, x: Tensor) -> bool:
         """Can one function compute every member for this x? (each member's state, factors and the row count)"""
         rows, name = x.numel() // x.shape[-1], self.name
-        for m in self.members:
-            factors, w = m._factors_of(name), m.base_layer.weight
-            if (factors is None or m.disabled or m.merged or m.active != [name] or (m.training and m.dropout[name])
-                    or w.dtype != x.dtype or w.requires_grad or factors[0].dtype != x.dtype
-                    or factors[1].dtype != x.dtype or not fold_pays(rows, m.out_features, m.in_features)):
+        for m in self.members:  # the state the plan was built for (`_eligible`), then what this call brings
+            if (_eligible(m) != name or not fold_pays(rows, m.out_features, m.in_features)
+                    or any(t.dtype != x.dtype for t in (m.base_layer.weight, *m._factors_of(name)))):
                 return False
         return True
 
@@ -92,20 +90,20 @@ class TrainEntry:
             g.outs = None
             if g.confirmed and g.runnable(x):
                 outs = g.fused(x)
-                g.outs = (x, x._version, outs)
+                g.outs = (x, version(x), outs)
                 return outs[0]
-            g.probe = (x, x._version, 1)
+            g.probe = (x, version(x), 1)
             return None
         if g.outs is not None:
-            if _holds(g.outs, x):
+            if holds(g.outs, x):
                 y = g.outs[2][i]
                 if i == len(g.members) - 1:
                     g.outs = None  # the last member: let go of x and the outputs
                 return y
             g.outs, g.confirmed = None, False  # a member read another input: watch the group again
         elif not g.confirmed:
-            if _holds(g.probe, x) and g.probe[2] == i:
-                g.probe = (x, x._version, i + 1)
+            if holds(g.probe, x) and g.probe[2] == i:
+                g.probe = (x, version(x), i + 1)
                 if i == len(g.members) - 1:
                     g.confirmed, g.probe = True, None
             else:
@@ -113,19 +111,12 @@ class TrainEntry:
         return None
 
 
-def _holds(held: tuple | None, x: Tensor) -> bool:
-    """Was `held` recorded for this very x, unchanged since (the same tensor at the same version)?"""
-    return held is not None and held[0] is x and held[1] == x._version
-
-
 def _checkpointing(model: nn.Module) -> bool:
     """Does transformers recompute this model's blocks in backward? (`is_activation_checkpointing`, formerly
     `is_gradient_checkpointing`.) Other checkpointing, e.g. torch.utils.checkpoint called in your own model's
     forward, is not visible here: do not enter the plan around it."""
     flag = getattr(model, "is_activation_checkpointing", None)
-    if flag is None and "is_activation_checkpointing" not in dir(type(model)):
-        flag = getattr(model, "is_gradient_checkpointing", False)
-    return bool(flag)
+    return bool(getattr(model, "is_gradient_checkpointing", False) if flag is None else flag)
 
 
 def _eligible(m: nn.Module) -> str | None:
