@@ -21,7 +21,11 @@ share of next-token positions that carry a label); `--labels all` labels every t
 are all of them. `floor` is the frozen model with gradients routed exactly where LoRA on the targets needs them
 but no LoRA work at all: the step no LoRA implementation can beat with the same loss computation. Optional
 impls `full-hf` and `floor-hf` (smollm2) step full / floor the HF way, as PEFT is stepped. SmolLM2 defaults to
-3 timed steps after 1 warm-up per process (MiniLM: 6 after 3); --batch, --seq, --steps, --warmup override.
+3 timed steps per process after 1 warm-up step, and where malloc keeps freed memory (`lorakit train`'s
+step) more, up to 8 in all, until two steps in a row fault under 1,000 pages (a fresh heap grows to its
+high-water mark over the first steps: `warm_up`); the output shows each run's warm-up steps and its timed
+steps' page faults.
+MiniLM: 6 steps after 3. --batch, --seq, --steps, --warmup, --warmup_max override.
 BENCH_THREADS sets torch's threads (default: all cores). A failed worker stops the run with its stderr.
 
 `--allocator train` (default) sets glibc malloc as `lorakit train` sets it (lorakit/train/allocator.py: freed blocks
@@ -40,8 +44,9 @@ import subprocess
 import sys
 import time
 
-DEFAULTS = {"minilm": {"batch": 32, "seq": 128, "dropout": 0.1, "steps": 6, "warmup": 3},
-            "smollm2": {"batch": 8, "seq": 256, "dropout": 0.0, "steps": 3, "warmup": 1}}
+DEFAULTS = {"minilm": {"batch": 32, "seq": 128, "dropout": 0.1, "steps": 6, "warmup": 3, "warmup_max": 3},
+            "smollm2": {"batch": 8, "seq": 256, "dropout": 0.0, "steps": 3, "warmup": 1, "warmup_max": 8}}
+SETTLED_FAULTS = 1000  # minor page faults in a step under which the allocator counts as settled
 ONCE = ("full", "full-hf")  # full fine-tuning does not depend on targets: measured with the first only
 
 
@@ -63,37 +68,65 @@ def _reset_peak_rss() -> None:
         pass
 
 
+def _minor_faults() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def warm_up(step, least: int, most: int) -> tuple[int, int]:
+    """Run `step` at least `least` times, then on until two steps in a row fault fewer than SETTLED_FAULTS pages
+    (at most `most` steps in all): (warm-up steps run, the last one's minor page faults).
+
+    With `lorakit train`'s malloc settings a fresh process's heap grows to its high-water mark over the first
+    steps, then stops faulting: a SmolLM2 all-linear step faulted 20-34k pages in steps 2-4 (at ~15 µs each on
+    this VM, 0.3-0.6 s a step) and none from step 5; q,v mostly settled from step 3, once faulting again after a
+    quiet step (hence two in a row). Timing from step 2 read the larger model's warm-up as its step
+    (benchmarks/RESULTS.md, session 15). Workers at glibc's defaults (PEFT, the HF loops) fault every step by
+    design: that is their steady state, so they are given most = least."""
+    n, quiet, last = 0, 0, 0
+    while n < max(least, 1) or (quiet < 2 and n < most):
+        f0 = _minor_faults()
+        step()
+        n, last = n + 1, _minor_faults() - f0
+        quiet = quiet + 1 if last < SETTLED_FAULTS else 0
+    return n, last
+
+
 def worker(impl: str, targets: str, args: argparse.Namespace) -> dict:
     import step_builders
     import torch
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
-    if args.allocator == "keep" or (args.allocator == "train" and args.model == "smollm2"
-                                    and impl in step_builders.LORAKIT_STEP):
+    kept = args.allocator == "keep" or (args.allocator == "train" and args.model == "smollm2"
+                                        and impl in step_builders.LORAKIT_STEP)
+    if kept:
         from lorakit.train.allocator import keep_freed_memory
 
-        keep_freed_memory()
+        kept = keep_freed_memory()
     if args.model == "minilm":
         (step, trainable), fraction = step_builders.minilm_step(impl, targets, args), None
     else:
         step, trainable, fraction = step_builders.lm_step(impl, targets, args)
-    for _ in range(args.warmup):  # optimizer state, caches, and the allocator's steady state
-        step()
+    # optimizer state, caches, and the heap's high-water mark where freed memory is kept
+    warm, _ = warm_up(step, args.warmup, args.warmup_max if kept else args.warmup)
     _reset_peak_rss()
-    times, cpu = [], []
+    times, cpu, faults = [], [], []
     for _ in range(args.steps):
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0, c0, f0 = time.perf_counter(), time.process_time(), _minor_faults()
         step()
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
+        faults.append(_minor_faults() - f0)
     return {"impl": impl, "targets": targets, "step_s": statistics.median(times), "cpu_s": statistics.median(cpu),
-            "peak_mb": _peak_rss_mb(), "trainable": trainable, "label_fraction": fraction}
+            "peak_mb": _peak_rss_mb(), "trainable": trainable, "label_fraction": fraction, "warmup": warm,
+            "faults": statistics.median(faults)}
 
 
 def run_once(impl: str, targets: str, precision: str, labels: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, "--model", args.model, "--targets", targets,
            "--precision", precision, "--labels", labels, "--allocator", args.allocator]
-    for name in ("r", "dropout", "steps", "warmup", "batch", "seq"):
+    for name in ("r", "dropout", "steps", "warmup", "warmup_max", "batch", "seq"):
         cmd += [f"--{name}", str(getattr(args, name))]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -118,7 +151,8 @@ def measure(args: argparse.Namespace) -> dict[tuple[str, str, str, str], list[di
                     results.setdefault((precision, labels, impl, targets), []).append(res)
                     print(f"  {precision} {labels} round {rnd + 1}: {impl:8s} {targets:10s} step "
                           f"{res['step_s'] * 1000:8.1f} ms (cpu {res['cpu_s'] * 1000:8.1f} ms) peak "
-                          f"{res['peak_mb']:8.0f} MB", file=sys.stderr, flush=True)
+                          f"{res['peak_mb']:8.0f} MB, after {res['warmup']} warm-up, {res['faults']:.0f} page faults a "
+                          f"step", file=sys.stderr, flush=True)
     return results
 
 
@@ -128,7 +162,9 @@ def report(args: argparse.Namespace, results: dict) -> None:
     threads = os.environ.get("BENCH_THREADS", os.cpu_count())
     task = ("MiniLM seq-cls" if args.model == "minilm" else "SmolLM2-135M-Instruct causal LM")
     print(f"\n{task}, batch {args.batch} x {args.seq} tokens, r={args.r}, dropout={args.dropout}, "
-          f"{args.rounds} rounds x {args.steps} steps after {args.warmup} warm-up, torch threads={threads}, "
+          f"{args.rounds} rounds x {args.steps} steps after {args.warmup} warm-up"
+          + (f" (up to {args.warmup_max} where malloc keeps freed memory, until two steps fault < {SETTLED_FAULTS} "
+             "pages)" if args.warmup_max > args.warmup else "") + f", torch threads={threads}, "
           f"allocator {args.allocator}")
     for precision in args.precision.split(","):
         for labels in args.labels.split(","):
@@ -188,7 +224,7 @@ def main() -> None:
     ap.add_argument("--allocator", choices=("train", "keep", "default"), default="train",
                     help="glibc malloc settings per worker (see above)")
     ap.add_argument("--rounds", type=int, default=3)
-    for name in ("batch", "seq", "steps", "warmup"):
+    for name in ("batch", "seq", "steps", "warmup", "warmup_max"):
         ap.add_argument(f"--{name}", type=int, help="default: per model (see DEFAULTS)")
     ap.add_argument("--dropout", type=float, help="LoRA dropout; default: 0.1 minilm, 0.0 smollm2")
     args = ap.parse_args()

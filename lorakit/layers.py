@@ -37,6 +37,15 @@ def adapter_name(key: str) -> str:
     return key.replace(_DOT, ".")
 
 
+def _call_base(base: nn.Module, x: Tensor) -> Tensor:
+    """base(x); a plain nn.Linear as F.linear on its parameters, as the LoRA paths read them: nn.Module's call and
+    attribute lookups were 2.5% of a merged SmolLM2 decode step (210 calls a token; RESULTS.md, session 15)."""
+    if type(base) is nn.Linear:
+        p = base._parameters
+        return F.linear(x, p["weight"], p["bias"])
+    return base(x)
+
+
 class LoraModule(nn.Module):
     """Shared bookkeeping: the frozen `base_layer`, per-adapter A, B, r, alpha, scale, dropout."""
 
@@ -265,21 +274,22 @@ class LoraLinear(LoraModule):
     def forward(self, x: Tensor) -> Tensor:
         # Runs once per adapted layer per decoded token (210 times a token on SmolLM2 all-linear), so it reads
         # each attribute once: at batch 1 the Python here costs as much as the rank-r arithmetic.
-        plan = self._plan  # its entry was built unmerged and enabled: a flag changed since means its own path
-        if plan is not None and not torch.is_grad_enabled() and not self.disabled and not self.merged:
-            y = plan(x)
+        if self.merged:  # W0+ΔW merged (in eval, not disabled, no per-row choice): the base layer's product alone;
+            # training a merged adapter falls through to _use_base_only, which refuses it
+            if not (self.training or self.disabled) and current_rows() is None:
+                return _call_base(self._modules["base_layer"], x)
+        elif (plan := self._plan) is not None and not self.disabled and not torch.is_grad_enabled():
+            y = plan(x)  # its entry was built unmerged and enabled: a flag changed since means its own path
             if y is not None:
                 return y
         if self._train_plan is not None and torch.is_grad_enabled() and (y := self._train_plan(x)) is not None:
             return y  # a train_plan entry checks every member's state itself (disabled, merged, active, dropout)
         base = self._modules["base_layer"]
         if self.disabled:
-            return base(x)
+            return _call_base(base, x)
         rows = current_rows()
-        if rows is not None:
+        if rows is not None:  # merged too: _row_groups refuses adapters counted twice
             return self._forward_rows(x, rows)
-        if self.merged and not self.training:  # merged (and not training it, which _use_base_only refuses): W0+ΔW
-            return base(x)
         if len(self.active) == 1 and not self.merged and not torch.is_grad_enabled():
             y = self._infer_one(x, base)
             if y is not None:
@@ -367,11 +377,10 @@ class LoraLinear(LoraModule):
         return state
 
     def _b_t(self, name: str, B: Tensor, dtype: torch.dtype) -> Tensor:
-        """Bᵀ in `dtype` as a contiguous (r, out) tensor, kept while B is the same tensor with the same data (a weak
-        reference, its data pointer and its in-place version counter, so any change of B is a miss). addmm_ reads a
-        transposed B ~2× slower at decode: one row, 2 threads, Intel VM: 7.3 vs 4.1 µs for 576 outputs, 19.4 vs
-        7.5 µs for 1536 (SmolLM2's MLP), which was most of an adapted layer's cost there. Used by the inference fast
-        path only; 16-bit bases with fp32 adapters keep it in their dtype rather than casting B on every call."""
+        """Bᵀ in `dtype` as a contiguous (r, out) tensor, kept while B is the same tensor with the same data (weak
+        reference, data pointer, in-place version: any change of B is a miss). addmm_ reads a transposed B ~2× slower
+        at decode (one row, 2 threads: 7.3 vs 4.1 µs for 576 outputs, 19.4 vs 7.5 µs for 1536). Inference fast path
+        only; a 16-bit base with fp32 adapters keeps it in its dtype rather than casting B on every call."""
         if torch.compiler.is_compiling():  # a traced graph cannot guard on data pointers: it would break at every
             return B.t().to(dtype).contiguous()  # layer once an eager call had filled the cache (tests/test_layers)
         hit, key = self._bt.get(name), (B.data_ptr(), B._version, dtype)
