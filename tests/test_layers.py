@@ -72,6 +72,21 @@ def test_linear_like_layers_equal_dense_formula_fp32(kw):
     assert layer.base_layer.weight.grad is None
 
 
+@pytest.mark.parametrize("kw", CASES[:3])
+def test_merged_and_disabled_layers_equal_the_dense_formulas(kw):
+    # merged in eval and disabled take the base layer's product alone (a plain nn.Linear as F.linear itself)
+    layer = _linear_layer(**kw)
+    base = layer.base_layer
+    w0 = (base.weight.t() if layer.fan_in_fan_out else base.weight).detach().clone()
+    x = torch.randn(4, 5, 8)
+    ref = _dense_linear(layer, x)
+    layer.merge()
+    torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)
+    layer.unmerge()
+    layer.disabled = True
+    torch.testing.assert_close(layer(x), F.linear(x, w0, base.bias), rtol=1e-6, atol=1e-6)
+
+
 def _dense_linear_with(layer, x, params):
     A, B = params
     W = layer.base_layer.weight.t() if layer.fan_in_fan_out else layer.base_layer.weight
