@@ -74,9 +74,9 @@ def _minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def warm_up(step, least: int, most: int) -> tuple[int, int]:
+def warm_up(step, least: int, most: int) -> int:
     """Run `step` at least `least` times, then on until two steps in a row fault fewer than SETTLED_FAULTS pages
-    (at most `most` steps in all): (warm-up steps run, the last one's minor page faults).
+    (at most `most` steps in all); returns how many steps it ran.
 
     With `lorakit train`'s malloc settings a fresh process's heap grows to its high-water mark over the first
     steps, then stops faulting: a SmolLM2 all-linear step faulted 20-34k pages in steps 2-4 (at ~15 µs each on
@@ -84,13 +84,12 @@ def warm_up(step, least: int, most: int) -> tuple[int, int]:
     quiet step (hence two in a row). Timing from step 2 read the larger model's warm-up as its step
     (benchmarks/RESULTS.md, session 15). Workers at glibc's defaults (PEFT, the HF loops) fault every step by
     design: that is their steady state, so they are given most = least."""
-    n, quiet, last = 0, 0, 0
+    n, quiet = 0, 0
     while n < max(least, 1) or (quiet < 2 and n < most):
         f0 = _minor_faults()
         step()
-        n, last = n + 1, _minor_faults() - f0
-        quiet = quiet + 1 if last < SETTLED_FAULTS else 0
-    return n, last
+        n, quiet = n + 1, quiet + 1 if _minor_faults() - f0 < SETTLED_FAULTS else 0
+    return n
 
 
 def worker(impl: str, targets: str, args: argparse.Namespace) -> dict:
@@ -109,7 +108,7 @@ def worker(impl: str, targets: str, args: argparse.Namespace) -> dict:
     else:
         step, trainable, fraction = step_builders.lm_step(impl, targets, args)
     # optimizer state, caches, and the heap's high-water mark where freed memory is kept
-    warm, _ = warm_up(step, args.warmup, args.warmup_max if kept else args.warmup)
+    warm = warm_up(step, args.warmup, args.warmup_max if kept else args.warmup)
     _reset_peak_rss()
     times, cpu, faults = [], [], []
     for _ in range(args.steps):

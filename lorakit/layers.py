@@ -274,19 +274,18 @@ class LoraLinear(LoraModule):
     def forward(self, x: Tensor) -> Tensor:
         # Runs once per adapted layer per decoded token (210 times a token on SmolLM2 all-linear), so it reads
         # each attribute once: at batch 1 the Python here costs as much as the rank-r arithmetic.
-        if self.merged:  # W0+ΔW merged (in eval, not disabled, no per-row choice): the base layer's product alone;
-            # training a merged adapter falls through to _use_base_only, which refuses it
-            if not (self.training or self.disabled) and current_rows() is None:
-                return _call_base(self._modules["base_layer"], x)
-        elif (plan := self._plan) is not None and not self.disabled and not torch.is_grad_enabled():
+        base = self._modules["base_layer"]
+        if self.disabled:
+            return _call_base(base, x)
+        if self.merged:  # W0+ΔW merged (in eval, no per-row choice): the base layer's product alone; training a
+            if not self.training and current_rows() is None:  # merged adapter falls through to _use_base_only,
+                return _call_base(base, x)  # which refuses it
+        elif (plan := self._plan) is not None and not torch.is_grad_enabled():
             y = plan(x)  # its entry was built unmerged and enabled: a flag changed since means its own path
             if y is not None:
                 return y
         if self._train_plan is not None and torch.is_grad_enabled() and (y := self._train_plan(x)) is not None:
             return y  # a train_plan entry checks every member's state itself (disabled, merged, active, dropout)
-        base = self._modules["base_layer"]
-        if self.disabled:
-            return _call_base(base, x)
         rows = current_rows()
         if rows is not None:  # merged too: _row_groups refuses adapters counted twice
             return self._forward_rows(x, rows)
@@ -372,8 +371,8 @@ class LoraLinear(LoraModule):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_bt"] = {}  # a cache of weak references: rebuilt on use, never pickled
-        state.pop("_plan", None)  # a running decode or training plan's entry belongs to that plan, not to a copy
-        state.pop("_train_plan", None)
+        for plan in ("_plan", "_train_plan"):  # a running decode or training plan's entry belongs to it, not a copy
+            state.pop(plan, None)
         return state
 
     def _b_t(self, name: str, B: Tensor, dtype: torch.dtype) -> Tensor:
