@@ -9,12 +9,14 @@ layers of one block that read the same input (q/k/v, gate/up: the groups vLLM an
     yᵢ = x·Wᵢᵀ + D[:, columns of layer i]                            one addmm per layer, in place of the base's mm
 
 At one row (batch-1 decoding) D is written into per-thread buffers whose column views each layer reads as the bias
-of one F.linear: no reshape, slice or view per call (1.13-1.15x -> 1.10-1.12x a step). Every state check (active
-adapter, merged, disabled, dropout, dtypes) is done once, on entry, where the factors are copied; a call checks only
-what can differ between forwards (grad mode, a per-row adapter context, autocast, x's dtype, torch.compile tracing)
-and, in a group's later layers, that x is the very tensor (and, outside inference_mode, the same version) its first
-layer saw. Anything else runs the layer's own path. The model must not change inside the plan (lorakit's rule for a
-served model); on exit every layer is as it was, and nothing refers to the plan's tensors.
+of one F.linear: no reshape, slice or view per call (1.13-1.15x -> 1.10-1.12x a step). Each layer's entry is set as
+its `forward` for the plan's duration, so a call runs the entry instead of LoraLinear.forward and then the entry
+(-0.8% of a step; RESULTS.md, session 16). Every state check (active adapter, dropout, dtypes) is done once, on entry,
+where the factors are copied; a call checks only what can differ between forwards (grad mode, the layer's disabled and
+merged flags, a per-row adapter context, autocast, x's dtype, torch.compile tracing) and, in a group's later layers,
+that x is the very tensor (and, outside inference_mode, the same version) its first layer saw. Anything else runs
+LoraLinear.forward, the layer's own path. The model must not change inside the plan (lorakit's rule for a served
+model); on exit every layer is as it was, and nothing refers to the plan's tensors.
 
 `decode_plan(model, adapter)` plans a named adapter instead of the active one, for forwards inside a per-row context
 where every row uses it; the server keeps such entries per adapter load version and sets them around each decode
@@ -84,32 +86,43 @@ class _Group:
 
 
 class PlanEntry:
-    """One layer's part of a plan for adapter `name`: its group, its columns of D, and views of W as (out, in) for
-    F.linear (one row) and as (in, out) for addmm (several rows)."""
+    """One layer's part of a plan for adapter `name`, installed as the layer's `forward` while the plan runs: its
+    group, its columns of D, and views of W as (1, in, out) for baddbmm (one row) and as (in, out) for addmm (several
+    rows). In place of `forward`, not called from it, it saves the wrapper's own frame and checks at every call."""
 
-    __slots__ = ("name", "group", "lead", "i", "lo", "hi", "w", "w_t", "dtype", "device_type", "in_features")
+    __slots__ = ("layer", "name", "group", "lead", "i", "lo", "hi", "w", "w_t", "w_b", "dtype", "in_features")
 
     def __init__(self, name: str, group: _Group, i: int, layer: LoraLinear) -> None:
-        self.name, self.group, self.lead, self.i = name, group, i == 0, i
+        self.layer, self.name, self.group, self.lead, self.i = layer, name, group, i == 0, i
         self.lo, self.hi = group.cols[i]
-        self.w = layer.weight_out_in().detach()  # (out, in) for F.linear; a view: the plan copies no base weight
+        self.w = layer.weight_out_in().detach()  # (out, in); views all: the plan copies no base weight
         self.w_t = self.w.t()  # (in, out) for addmm
-        self.dtype, self.device_type, self.in_features = self.w.dtype, self.w.device.type, layer.in_features
+        self.w_b = self.w_t.unsqueeze(0)  # (1, in, out) for baddbmm
+        self.dtype, self.in_features = self.w.dtype, layer.in_features
 
-    def __call__(self, x: Tensor) -> Tensor | None:
-        """The layer's output through the plan, or None where the plan does not apply to this call."""
+    def __call__(self, x: Tensor) -> Tensor:
+        """The layer's output: through the plan, or through the layer's own forward where the plan does not apply."""
         # Runs 210 times a decoded token on SmolLM2 all-linear: each check here is one C call or attribute read.
-        # A per-row context applies only where every row uses this plan's adapter (a server's single stream).
-        rows = current_rows()
-        if (x.dtype != self.dtype or (rows is not None and (not rows.uniform or rows.only != self.name))
-                or torch.is_autocast_enabled(self.device_type)
-                or torch.compiler.is_compiling()):  # a traced graph cannot guard on x's identity and version
-            return None
-        g = self.group
+        # The entry was built for the layer unmerged and enabled, its adapter active: a flag changed since, a
+        # gradient or a compiler's trace (which cannot guard on x's identity) mean the layer's own path.
+        layer, g = self.layer, self.group
+        if torch.is_grad_enabled() or layer.disabled or layer.merged or torch.compiler.is_compiling():
+            return LoraLinear.forward(layer, x)
+        if self.lead:
+            # x's dtype, autocast and a per-row context are checked here for the group: a later member runs the plan
+            # only for the very x (same version) this call planned. A per-row context applies only where every row
+            # uses this plan's adapter (a server's single stream).
+            rows = current_rows()
+            if (x.dtype is not self.dtype or (rows is not None and (not rows.uniform or rows.only != self.name))
+                    or torch._C._is_any_autocast_enabled()):
+                g.last = None
+                return LoraLinear.forward(layer, x)
+        elif (held := g.stored_for(x)) is None:
+            return LoraLinear.forward(layer, x)
         if x.numel() == self.in_features:  # one row (batch-1 decoding): D in this thread's buffers, no reshapes
             if self.lead:
                 h, d, cols = getattr(g.one_row, "bufs", None) or g._one_row()
-                torch.mm(x.reshape(1, -1), g.a_t, out=h)
+                torch.mm(x.view(1, -1), g.a_t, out=h)
                 if g.bias is None:
                     torch.mm(h, g.b, out=d)
                 else:
@@ -117,9 +130,9 @@ class PlanEntry:
                 if g.shared:
                     g.last = (x, version(x), cols)
             else:
-                cols = g.stored_for(x)
-                if cols is None:
-                    return None
+                cols = held
+            if x.dim() == 3:  # baddbmm: ~1% of a SmolLM2 step faster than F.linear at one row (RESULTS.md, s16)
+                return torch.baddbmm(cols[self.i], x, self.w_b)
             return F.linear(x, self.w, cols[self.i])
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
@@ -129,15 +142,14 @@ class PlanEntry:
             if g.shared:  # one tuple: another thread's call replaces it whole
                 g.last = (x, version(x), d)
         else:
-            d = g.stored_for(x)
-            if d is None:
-                return None
+            d = held
         return torch.addmm(d[:, self.lo:self.hi], x2, self.w_t).view(*shape[:-1], self.hi - self.lo)
 
 
 def _eligible(m: nn.Module, adapter: str | None) -> str | None:
     """The adapter a plan computes in layer `m` (`adapter`, or its one active adapter), or None if it cannot."""
-    if type(m) is not LoraLinear or m.disabled or m.merged or (adapter is None and len(m.active) != 1):
+    if (type(m) is not LoraLinear or m.disabled or m.merged or (adapter is None and len(m.active) != 1)
+            or "forward" in vars(m)):  # a forward set on the instance already (accelerate's hooks) is left alone
         return None
     name = adapter if adapter is not None else m.active[0]
     if m._factors_of(name) is None or not m.base_layer.weight.is_floating_point() or (m.training and m.dropout[name]):
@@ -162,7 +174,7 @@ def installed(entries: dict[LoraLinear, PlanEntry]) -> Iterator[int]:
     """Set built plan entries on their layers for the block (yields how many); a server keeps `plan_entries` built
     per adapter version and installs them around each step whose rows all use that adapter."""
     try:
-        with set_on_layers(entries, "_plan") as n:
+        with set_on_layers(entries, "forward") as n:
             yield n
     finally:
         for entry in entries.values():

@@ -268,8 +268,7 @@ class LoraLinear(LoraModule):
         delta = (B @ A) * self.scale[name]  # (out, in)
         return delta.t() if self.fan_in_fan_out else delta
 
-    _plan = None  # a decode_plan's entry for this layer, set in the instance while the plan runs
-    _train_plan = None  # a train_plan's entry, likewise
+    _train_plan = None  # a train_plan's entry for this layer, set in the instance while the plan runs
 
     def forward(self, x: Tensor) -> Tensor:
         # Runs once per adapted layer per decoded token (210 times a token on SmolLM2 all-linear), so it reads
@@ -277,13 +276,8 @@ class LoraLinear(LoraModule):
         base = self._modules["base_layer"]
         if self.disabled:
             return _call_base(base, x)
-        if self.merged:  # W0+ΔW merged (in eval, no per-row choice): the base layer's product alone; training a
-            if not self.training and current_rows() is None:  # merged adapter falls through to _use_base_only,
-                return _call_base(base, x)  # which refuses it
-        elif (plan := self._plan) is not None and not torch.is_grad_enabled():
-            y = plan(x)  # its entry was built unmerged and enabled: a flag changed since means its own path
-            if y is not None:
-                return y
+        if self.merged and not self.training and current_rows() is None:  # W0+ΔW merged (in eval, no per-row
+            return _call_base(base, x)  # choice): the base layer's product alone; training one is refused below
         if self._train_plan is not None and torch.is_grad_enabled() and (y := self._train_plan(x)) is not None:
             return y  # a train_plan entry checks every member's state itself (disabled, merged, active, dropout)
         rows = current_rows()
@@ -371,8 +365,11 @@ class LoraLinear(LoraModule):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_bt"] = {}  # a cache of weak references: rebuilt on use, never pickled
-        for plan in ("_plan", "_train_plan"):  # a running decode or training plan's entry belongs to it, not a copy
-            state.pop(plan, None)
+        state.pop("_train_plan", None)  # a running training or decode plan's entry belongs to it, not a copy
+        from .decode_plan import PlanEntry  # here: decode_plan imports this module
+
+        if isinstance(state.get("forward"), PlanEntry):
+            del state["forward"]
         return state
 
     def _b_t(self, name: str, B: Tensor, dtype: torch.dtype) -> Tensor:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lorakit import LoraConfig, disabled, inject, per_row_adapters
-from lorakit.decode_plan import decode_plan
+from lorakit.decode_plan import PlanEntry, decode_plan
 from lorakit.layers import LoraLinear
 from tests.conftest import make_tiny, randomize_adapters, tiny_inputs
 
@@ -74,6 +74,19 @@ def test_a_group_member_called_with_another_input_runs_its_own_path():
         torch.testing.assert_close(attn.v_proj(x), ref.v_proj(x), rtol=1e-5, atol=1e-5)
 
 
+def test_later_members_follow_their_first_layer_when_it_declines_the_plan():
+    model, _ = _adapted("llama", "all-linear")
+    base = make_tiny("llama")  # the same seed: the bare base's weights
+    attn, bare = model.model.layers[0].self_attn, base.model.layers[0].self_attn
+    x = torch.randn(1, 1, 32)
+    with torch.no_grad(), decode_plan(model):
+        attn.q_proj(x)  # D planned for x ...
+        with per_row_adapters(model, [None]):  # ... then the row asks for the base: q declines the plan, so k and v
+            attn.q_proj(x)  # (which check only that x is the tensor q saw) must not reuse the D planned before
+            torch.testing.assert_close(attn.k_proj(x), bare.k_proj(x))
+            torch.testing.assert_close(attn.v_proj(x), bare.v_proj(x))
+
+
 def test_gradients_and_per_row_contexts_inside_a_plan_take_the_layers_own_paths():
     model, dense = _adapted("llama", ["q_proj", "v_proj"])
     ids = IDS[:1]
@@ -132,9 +145,9 @@ def test_the_plan_leaves_nothing_behind_and_copies_taken_inside_carry_no_entry()
     with torch.no_grad(), decode_plan(model):
         model(input_ids=IDS)
         clone = copy.deepcopy(model)
-        assert model.model.layers[0].self_attn.q_proj._plan is not None
+        assert isinstance(vars(model.model.layers[0].self_attn.q_proj).get("forward"), PlanEntry)
     assert {n: set(vars(m)) for n, m in model.named_modules()} == before
-    assert all(m._plan is None for m in clone.modules() if isinstance(m, LoraLinear))
+    assert not any("forward" in vars(m) for m in clone.modules())
 
 
 def test_a_plan_for_a_named_adapter_serves_rows_that_all_use_it_and_only_those(monkeypatch):
@@ -182,15 +195,10 @@ def _decode_logits(model, ids: torch.Tensor, steps: int) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_batch_one_decode_steps_take_the_one_row_path_and_equal_the_dense_model(kind, monkeypatch):
-    import importlib
-    import types
-
-    plan_module = importlib.import_module("lorakit.decode_plan")  # the module (lorakit.decode_plan is the function)
-
     model, dense = _adapted(kind, "all-linear")  # GPT-2: Conv1D with biases, fused into the one-row D
-    calls = []  # the one-row path's F.linear, counted (only decode_plan's reference to F is replaced)
-    counting = types.SimpleNamespace(linear=lambda *a: calls.append(1) or torch.nn.functional.linear(*a))
-    monkeypatch.setattr(plan_module, "F", counting)
+    calls = []  # the one-row path's product (torch.baddbmm, which neither model calls itself), counted
+    baddbmm = torch.baddbmm
+    monkeypatch.setattr(torch, "baddbmm", lambda *a: calls.append(1) or baddbmm(*a))
     with torch.no_grad():
         want = _decode_logits(dense, IDS[:1], 8)
     _no_fallback(monkeypatch)
