@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from .layers import LoraLinear
 from .rows import current_rows
-from .shared_input import holds, input_groups, set_on_layers, version
+from .shared_input import input_groups, set_on_layers, version
 
 
 class _Group:
@@ -64,12 +64,6 @@ class _Group:
         self.shared = len(members) > 1
         self.last: tuple[Tensor, int, object] | None = None
         self.one_row = threading.local()  # per thread: buffers for one-row calls (see `_one_row`)
-
-    def stored_for(self, x: Tensor) -> Tensor | tuple[Tensor, ...] | None:
-        """What the first layer stored for this very x (the same tensor, and outside inference_mode the same version),
-        else None: a later layer called with anything else computes its own."""
-        last = self.last
-        return last[2] if holds(last, x) else None
 
     def _one_row(self) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
         """New buffers for this thread: (h, D, each member's columns of D as 1-D views) for calls with one row of x.
@@ -117,8 +111,10 @@ class PlanEntry:
                     or torch._C._is_any_autocast_enabled()):
                 g.last = None
                 return LoraLinear.forward(layer, x)
-        elif (held := g.stored_for(x)) is None:
-            return LoraLinear.forward(layer, x)
+        else:  # what the first layer stored for this very x (shared_input.holds, inlined: 90 calls a token)
+            held = g.last
+            if held is None or held[0] is not x or held[1] != (-1 if x.is_inference() else x._version):
+                return LoraLinear.forward(layer, x)
         if x.numel() == self.in_features:  # one row (batch-1 decoding): D in this thread's buffers, no reshapes
             if self.lead:
                 h, d, cols = getattr(g.one_row, "bufs", None) or g._one_row()
@@ -130,7 +126,7 @@ class PlanEntry:
                 if g.shared:
                     g.last = (x, version(x), cols)
             else:
-                cols = held
+                cols = held[2]
             if x.dim() == 3:  # baddbmm: ~1% of a SmolLM2 step faster than F.linear at one row (RESULTS.md, s16)
                 return torch.baddbmm(cols[self.i], x, self.w_b)
             return F.linear(x, self.w, cols[self.i])
@@ -142,7 +138,7 @@ class PlanEntry:
             if g.shared:  # one tuple: another thread's call replaces it whole
                 g.last = (x, version(x), d)
         else:
-            d = held
+            d = held[2]
         return torch.addmm(d[:, self.lo:self.hi], x2, self.w_t).view(*shape[:-1], self.hi - self.lo)
 
 
