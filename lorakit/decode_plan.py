@@ -8,15 +8,17 @@ layers of one block that read the same input (q/k/v, gate/up: the groups vLLM an
     D  = (x·[A₁; …; Aₖ]ᵀ)·blockdiag(s₁B₁ᵀ, …, sₖBₖᵀ) + [b₁ … bₖ]    two small GEMMs per group, in its first layer
     yᵢ = x·Wᵢᵀ + D[:, columns of layer i]                            one addmm per layer, in place of the base's mm
 
-At one row (batch-1 decoding) D is written into per-thread buffers whose column views each layer reads as the bias
-of one F.linear: no reshape, slice or view per call (1.13-1.15x -> 1.10-1.12x a step). Each layer's entry is set as
-its `forward` for the plan's duration, so a call runs the entry instead of LoraLinear.forward and then the entry
-(-0.8% of a step; RESULTS.md, session 16). Every state check (active adapter, dropout, dtypes) is done once, on entry,
-where the factors are copied; a call checks only what can differ between forwards (grad mode, the layer's disabled and
-merged flags, a per-row adapter context, autocast, x's dtype, torch.compile tracing) and, in a group's later layers,
-that x is the very tensor (and, outside inference_mode, the same version) its first layer saw. Anything else runs
-LoraLinear.forward, the layer's own path. The model must not change inside the plan (lorakit's rule for a served
-model); on exit every layer is as it was, and nothing refers to the plan's tensors.
+In a decode step (up to FEW_ROWS rows) D is written into per-thread buffers whose column views, shaped as x, each
+layer reads as the bias of one product: no reshape, slice or view per call (1.13-1.15x -> 1.10-1.12x a step at
+batch 1, session 12; batch 8 since session 16); at one row that product is a baddbmm, which ran ~2% faster than
+F.linear here. Each layer's entry is set as its `forward` for the plan's duration, so a call runs the entry instead
+of LoraLinear.forward and then the entry (-0.8% of a step; benchmarks/RESULTS.md, session 16). Every state check
+(active adapter, dropout, dtypes) is done once, on entry, where the factors are copied; a call checks only what can
+differ between forwards: grad mode, the layer's disabled and merged flags and torch.compile tracing in every layer;
+x's dtype, a per-row adapter context and autocast in a group's first layer, whose later layers check only that x is
+the very tensor (and, outside inference_mode, the same version) it planned for. Anything else runs LoraLinear.forward,
+the layer's own path. The model must not change inside the plan (lorakit's rule for a served model); on exit every
+layer is as it was, and nothing refers to the plan's tensors.
 
 `decode_plan(model, adapter)` plans a named adapter instead of the active one, for forwards inside a per-row context
 where every row uses it; the server keeps such entries per adapter load version and sets them around each decode
@@ -39,10 +41,10 @@ from .shared_input import input_groups, set_on_layers, version
 
 
 class _Group:
-    """The stacked factors of layers that read one input; `last` = (x, x's version, D or its one-row column views) of
+    """The stacked factors of layers that read one input; `last` = (x, x's version, D or its members' column views) of
     the latest first call."""
 
-    __slots__ = ("a_t", "b", "bias", "cols", "last", "one_row", "shared")
+    __slots__ = ("a_t", "b", "bias", "cols", "last", "local", "shared")
 
     def __init__(self, members: list[LoraLinear], name: str) -> None:
         w = members[0].weight_out_in()
@@ -63,20 +65,26 @@ class _Group:
         self.cols = list(zip(bounds[:-1], bounds[1:], strict=True))  # each member's columns of D
         self.shared = len(members) > 1
         self.last: tuple[Tensor, int, object] | None = None
-        self.one_row = threading.local()  # per thread: buffers for one-row calls (see `_one_row`)
+        self.local = threading.local()  # per thread: `bufs` for calls with few rows (see `new_buffers`)
 
-    def _one_row(self) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
-        """New buffers for this thread: (h, D, each member's columns of D as 1-D views) for calls with one row of x.
+    def new_buffers(self, shape: torch.Size) -> tuple:
+        """This thread's new (shape, h, D, each member's columns of D viewed in x's shape) for calls with x of `shape`.
 
-        A decoded token at batch 1 is one row: there, slicing D and reshaping x and y per layer cost as much as the
-        LoRA arithmetic (benchmarks/RESULTS.md, session 12). Written in place by the first layer and read as each
-        layer's bias by F.linear before the thread's next call, so the views are built once; per thread, because a
-        concurrent forward on another thread would overwrite D between a first layer and its followers."""
+        A decode step is one row a sequence: there, slicing D and reshaping x and y per layer cost as much as the LoRA
+        arithmetic (benchmarks/RESULTS.md, sessions 12 and 16). Written in place by the first layer and read as each
+        layer's bias before the thread's next call, so the views are built once per shape; per thread, because a
+        concurrent forward on another thread would overwrite D between a first layer and its followers. One shape is
+        kept (decode steps repeat theirs); at most FEW_ROWS rows, so a long prefill never leaves its D behind."""
+        rows = shape.numel() // shape[-1]
         with torch.inference_mode(False):  # writable inside and outside inference_mode alike
-            h = self.a_t.new_empty(1, self.a_t.shape[1])
-            d = self.b.new_empty(1, self.b.shape[1])
-        self.one_row.bufs = (h, d, tuple(d[0, lo:hi] for lo, hi in self.cols))
-        return self.one_row.bufs
+            h = self.a_t.new_empty(rows, self.a_t.shape[1])
+            d = self.b.new_empty(rows, self.b.shape[1])
+        nd = d.view(*shape[:-1], d.shape[1])
+        self.local.bufs = (shape, h, d, tuple(nd[..., lo:hi] for lo, hi in self.cols))
+        return self.local.bufs
+
+
+FEW_ROWS = 16  # calls with up to this many rows (decode steps of up to 16 sequences) write D into per-thread buffers
 
 
 class PlanEntry:
@@ -84,7 +92,7 @@ class PlanEntry:
     group, its columns of D, and views of W as (1, in, out) for baddbmm (one row) and as (in, out) for addmm (several
     rows). In place of `forward`, not called from it, it saves the wrapper's own frame and checks at every call."""
 
-    __slots__ = ("layer", "name", "group", "lead", "i", "lo", "hi", "w", "w_t", "w_b", "dtype", "in_features")
+    __slots__ = ("layer", "name", "group", "lead", "i", "lo", "hi", "w", "w_t", "w_b", "dtype", "in_features", "few")
 
     def __init__(self, name: str, group: _Group, i: int, layer: LoraLinear) -> None:
         self.layer, self.name, self.group, self.lead, self.i = layer, name, group, i == 0, i
@@ -92,7 +100,7 @@ class PlanEntry:
         self.w = layer.weight_out_in().detach()  # (out, in); views all: the plan copies no base weight
         self.w_t = self.w.t()  # (in, out) for addmm
         self.w_b = self.w_t.unsqueeze(0)  # (1, in, out) for baddbmm
-        self.dtype, self.in_features = self.w.dtype, layer.in_features
+        self.dtype, self.in_features, self.few = self.w.dtype, layer.in_features, FEW_ROWS * layer.in_features
 
     def __call__(self, x: Tensor) -> Tensor:
         """The layer's output: through the plan, or through the layer's own forward where the plan does not apply."""
@@ -115,10 +123,14 @@ class PlanEntry:
             held = g.last
             if held is None or held[0] is not x or held[1] != (-1 if x.is_inference() else x._version):
                 return LoraLinear.forward(layer, x)
-        if x.numel() == self.in_features:  # one row (batch-1 decoding): D in this thread's buffers, no reshapes
+        n = x.numel()
+        if n <= self.few:  # a decode step: D in this thread's buffers, no reshapes
             if self.lead:
-                h, d, cols = getattr(g.one_row, "bufs", None) or g._one_row()
-                torch.mm(x.view(1, -1), g.a_t, out=h)
+                bufs = getattr(g.local, "bufs", None)
+                if bufs is None or bufs[0] != x.shape:
+                    bufs = g.new_buffers(x.shape)
+                _, h, d, cols = bufs
+                torch.mm(x.reshape(-1, self.in_features), g.a_t, out=h)
                 if g.bias is None:
                     torch.mm(h, g.b, out=d)
                 else:
@@ -127,8 +139,8 @@ class PlanEntry:
                     g.last = (x, version(x), cols)
             else:
                 cols = held[2]
-            if x.dim() == 3:  # baddbmm: ~1% of a SmolLM2 step faster than F.linear at one row (RESULTS.md, s16)
-                return torch.baddbmm(cols[self.i], x, self.w_b)
+            if n == self.in_features and x.dim() == 3:  # baddbmm: ~1% of a SmolLM2 step faster than
+                return torch.baddbmm(cols[self.i], x, self.w_b)  # F.linear at one row (RESULTS.md, session 16)
             return F.linear(x, self.w, cols[self.i])
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])

@@ -210,9 +210,32 @@ def test_batch_one_decode_steps_take_the_one_row_path_and_equal_the_dense_model(
         with torch.inference_mode():
             got_inference += _decode_logits(model, IDS[:1], 8)
     # every adapted layer (Llama: 7 a block; GPT-2: c_attn, c_proj, c_fc, c_proj) of both blocks, at every decode step
-    # of the 3 runs; the prefills (6 rows) take the other path
+    # of the 3 runs; the prefills (6 rows) take F.linear
     assert len(calls) == 3 * 8 * 2 * (7 if kind == "llama" else 4)
     for g, w in zip(got + got_inference, want * 3, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_decode_steps_of_a_few_sequences_use_the_buffers_and_equal_the_dense_model(kind, monkeypatch):
+    import importlib
+    import types
+
+    plan_module = importlib.import_module("lorakit.decode_plan")  # the module (lorakit.decode_plan is the function)
+    model, dense = _adapted(kind, "all-linear")
+    calls = []  # the buffered path's F.linear, counted (only decode_plan's reference to F is replaced)
+    monkeypatch.setattr(plan_module, "F", types.SimpleNamespace(
+        linear=lambda *a: calls.append(a[2].shape) or torch.nn.functional.linear(*a)))
+    with torch.no_grad():
+        want = _decode_logits(dense, IDS, 8) + _decode_logits(dense, IDS[:, :3], 8)
+    _no_fallback(monkeypatch)
+    with torch.no_grad(), decode_plan(model):
+        got = _decode_logits(model, IDS, 8) + _decode_logits(model, IDS[:, :3], 8)  # the buffers follow the shape
+    # the two prefills (2 x 6 and 2 x 3 rows: at most FEW_ROWS) and 2 x 8 decode steps of 2 rows, every adapted layer;
+    # each layer's bias is its columns of D viewed in x's shape
+    layers = 2 * (7 if kind == "llama" else 4)
+    assert len(calls) == 2 * 9 * layers and {shape[:-1] for shape in calls} == {(2, 6), (2, 3), (2, 1)}
+    for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
