@@ -89,8 +89,9 @@ FEW_ROWS = 16  # calls with up to this many rows (decode steps of up to 16 seque
 
 class PlanEntry:
     """One layer's part of a plan for adapter `name`, installed as the layer's `forward` while the plan runs: its
-    group, its columns of D, and views of W as (1, in, out) for baddbmm (one row) and as (in, out) for addmm (several
-    rows). In place of `forward`, not called from it, it saves the wrapper's own frame and checks at every call."""
+    group, its columns of D, and views of W: (1, in, out) for baddbmm (one row), (out, in) for F.linear (up to
+    FEW_ROWS rows), (in, out) for addmm (more). In place of `forward`, not called from it, it saves the wrapper's own
+    frame and checks at every call."""
 
     __slots__ = ("layer", "name", "group", "lead", "i", "lo", "hi", "w", "w_t", "w_b", "dtype", "in_features", "few")
 
@@ -139,8 +140,8 @@ class PlanEntry:
                     g.last = (x, version(x), cols)
             else:
                 cols = held[2]
-            if n == self.in_features and x.dim() == 3:  # baddbmm: ~1% of a SmolLM2 step faster than
-                return torch.baddbmm(cols[self.i], x, self.w_b)  # F.linear at one row (RESULTS.md, session 16)
+            if n == self.in_features and x.dim() == 3:  # baddbmm: 1-2% of a SmolLM2 step faster than F.linear
+                return torch.baddbmm(cols[self.i], x, self.w_b)  # at one row (benchmarks/RESULTS.md, session 16)
             return F.linear(x, self.w, cols[self.i])
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
