@@ -157,8 +157,11 @@ class PlanEntry:
 
 def _eligible(m: nn.Module, adapter: str | None) -> str | None:
     """The adapter a plan computes in layer `m` (`adapter`, or its one active adapter), or None if it cannot."""
+    # A forward set on the instance (accelerate's hooks) is left alone; a running plan's entry is replaced for the
+    # nested plan's block, as before entries were set as `forward`.
+    own = vars(m).get("forward")
     if (type(m) is not LoraLinear or m.disabled or m.merged or (adapter is None and len(m.active) != 1)
-            or "forward" in vars(m)):  # a forward set on the instance already (accelerate's hooks) is left alone
+            or (own is not None and not isinstance(own, PlanEntry))):
         return None
     name = adapter if adapter is not None else m.active[0]
     if m._factors_of(name) is None or not m.base_layer.weight.is_floating_point() or (m.training and m.dropout[name]):

@@ -150,6 +150,14 @@ def test_the_plan_leaves_nothing_behind_and_copies_taken_inside_carry_no_entry()
     assert not any("forward" in vars(m) for m in clone.modules())
 
 
+def test_a_nested_plan_covers_the_layers_again_and_equals_the_dense_model():
+    model, dense = _adapted("llama", "all-linear")
+    with torch.no_grad(), decode_plan(model) as outer, decode_plan(model) as inner:
+        got = model(input_ids=IDS).logits
+        assert inner == outer == 14
+        torch.testing.assert_close(got, dense(input_ids=IDS).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_a_plan_for_a_named_adapter_serves_rows_that_all_use_it_and_only_those(monkeypatch):
     model, dense = _adapted("llama", "all-linear")
     inject(model, LoraConfig(r=2, targets=["q_proj", "v_proj"]), "b")  # now active: b; the plan is for "a"
