@@ -8,6 +8,8 @@ layers of one block that read the same input (q/k/v, gate/up: the groups vLLM an
     D  = (x·[A₁; …; Aₖ]ᵀ)·blockdiag(s₁B₁ᵀ, …, sₖBₖᵀ) + [b₁ … bₖ]    two small GEMMs per group, in its first layer
     yᵢ = x·Wᵢᵀ + D[:, columns of layer i]                            one addmm per layer, in place of the base's mm
 
+With more rows (a prefill) the group shares only h = x·[A₁; …; Aₖ]ᵀ and each layer adds its own hᵢ·sᵢBᵢᵀ to x·Wᵢᵀ in
+place: a group-wide D, fresh at every call, is as large as the layers' outputs and made a prefill fault pages.
 In a decode step (up to FEW_ROWS rows) D is written into per-thread buffers whose column views, shaped as x, each
 layer reads as the bias of one product: no reshape, slice or view per call (1.13-1.15x -> 1.10-1.12x a step at
 batch 1, session 12; batch 8 since session 16); at one row that product is a baddbmm, which ran ~2% faster than
@@ -40,11 +42,19 @@ from .rows import current_rows
 from .shared_input import input_groups, set_on_layers, version
 
 
+def _spans(sizes: list[int]) -> list[tuple[int, int]]:
+    """[(start, end)] of consecutive blocks of these sizes."""
+    ends = [0]
+    for n in sizes:
+        ends.append(ends[-1] + n)
+    return list(zip(ends[:-1], ends[1:], strict=True))
+
+
 class _Group:
     """The stacked factors of layers that read one input; `last` = (x, x's version, D or its members' column views) of
     the latest first call."""
 
-    __slots__ = ("a_t", "b", "bias", "cols", "last", "local", "shared")
+    __slots__ = ("a_t", "b", "bias", "cols", "last", "local", "ranks", "shared")
 
     def __init__(self, members: list[LoraLinear], name: str) -> None:
         w = members[0].weight_out_in()
@@ -59,10 +69,8 @@ class _Group:
         if any(m.base_layer.bias is not None for m in members):
             self.bias = torch.cat([m.base_layer.bias.detach() if m.base_layer.bias is not None
                                    else torch.zeros(m.out_features, dtype=w.dtype, device=w.device) for m in members])
-        bounds = [0]
-        for m in members:
-            bounds.append(bounds[-1] + m.out_features)
-        self.cols = list(zip(bounds[:-1], bounds[1:], strict=True))  # each member's columns of D
+        self.cols = _spans([m.out_features for m in members])  # each member's columns of D
+        self.ranks = _spans([A.shape[0] for A in a])  # each member's columns of h = x·[A₁; …; Aₖ]ᵀ
         self.shared = len(members) > 1
         self.last: tuple[Tensor, int, object] | None = None
         self.local = threading.local()  # per thread: `bufs` for calls with few rows (see `new_buffers`)
@@ -89,15 +97,21 @@ FEW_ROWS = 16  # calls with up to this many rows (decode steps of up to 16 seque
 
 class PlanEntry:
     """One layer's part of a plan for adapter `name`, installed as the layer's `forward` while the plan runs: its
-    group, its columns of D, and views of W: (1, in, out) for baddbmm (one row), (out, in) for F.linear (up to
-    FEW_ROWS rows), (in, out) for addmm (more). In place of `forward`, not called from it, it saves the wrapper's own
-    frame and checks at every call."""
+    group, its columns of D and of h, its block of the group's B, and views of W: (1, in, out) for baddbmm (one row),
+    (out, in) for F.linear (up to FEW_ROWS rows), (in, out) for mm (more). In place of `forward`, not called from it,
+    it saves the wrapper's own frame and checks at every call."""
 
-    __slots__ = ("layer", "name", "group", "lead", "i", "lo", "hi", "w", "w_t", "w_b", "dtype", "in_features", "few")
+    __slots__ = ("layer", "name", "group", "lead", "i", "lo", "hi", "r0", "r1", "w", "w_t", "w_b", "b", "bias", "dtype",
+                 "in_features", "few", "tail")
 
     def __init__(self, name: str, group: _Group, i: int, layer: LoraLinear) -> None:
         self.layer, self.name, self.group, self.lead, self.i = layer, name, group, i == 0, i
+        self.tail = group.shared and i == len(group.cols) - 1
         self.lo, self.hi = group.cols[i]
+        self.r0, self.r1 = group.ranks[i]
+        self.b = group.b[self.r0:self.r1, self.lo:self.hi]  # sᵢBᵢᵀ, this layer's block of the group's B
+        bias = layer.base_layer.bias
+        self.bias = None if bias is None else bias.detach()
         self.w = layer.weight_out_in().detach()  # (out, in); views all: the plan copies no base weight
         self.w_t = self.w.t()  # (in, out) for addmm
         self.w_b = self.w_t.unsqueeze(0)  # (1, in, out) for baddbmm
@@ -124,6 +138,8 @@ class PlanEntry:
             held = g.last
             if held is None or held[0] is not x or held[1] != (-1 if x.is_inference() else x._version):
                 return LoraLinear.forward(layer, x)
+            if self.tail:  # the group's last layer lets go of x and h/D: kept until the next forward, 60 prefill
+                g.last = None  # inputs of SmolLM2 fragmented the heap (~20k page faults; RESULTS.md, session 17)
         n = x.numel()
         if n <= self.few:  # a decode step: D in this thread's buffers, no reshapes
             if self.lead:
@@ -143,16 +159,19 @@ class PlanEntry:
             if n == self.in_features and x.dim() == 3:  # baddbmm: 1-2% of a SmolLM2 step faster than F.linear
                 return torch.baddbmm(cols[self.i], x, self.w_b)  # at one row (benchmarks/RESULTS.md, session 16)
             return F.linear(x, self.w, cols[self.i])
+        # More rows (a prefill): y = x·Wᵀ (+ b), then + hᵢ·(sᵢBᵢᵀ) in place. Only h = x·[A₁; …; Aₖ]ᵀ is shared: a
+        # group-wide D of rows × Σout, fresh each call, made a batch-8 prefill fault ~50k pages (benchmarks/RESULTS.md,
+        # session 17); y is the one large tensor, as in the base's own forward.
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self.lead:
             h = torch.mm(x2, g.a_t)  # (rows, Σr)
-            d = torch.mm(h, g.b) if g.bias is None else torch.addmm(g.bias, h, g.b)  # (rows, Σout)
             if g.shared:  # one tuple: another thread's call replaces it whole
-                g.last = (x, version(x), d)
+                g.last = (x, version(x), h)
         else:
-            d = held[2]
-        return torch.addmm(d[:, self.lo:self.hi], x2, self.w_t).view(*shape[:-1], self.hi - self.lo)
+            h = held[2]
+        y = torch.mm(x2, self.w_t) if self.bias is None else torch.addmm(self.bias, x2, self.w_t)
+        return y.addmm_(h[:, self.r0:self.r1], self.b).view(*shape[:-1], self.hi - self.lo)
 
 
 def _eligible(m: nn.Module, adapter: str | None) -> str | None:
