@@ -19,6 +19,13 @@ within +-2%.
     python benchmarks/generate_speed.py --quick --model DIR   # smoke test: 8 tokens, 1 round
     python benchmarks/generate_speed.py --in-process --batches 1 --rounds 7   # batch 1, one process
     python benchmarks/generate_speed.py --steps 300 --batches 1   # single decode steps, interleaved
+    python benchmarks/generate_speed.py --lockstep --rounds 5      # whole generates, advancing together
+
+--lockstep runs each round's generates (one per mode) at once, each in its own thread, the threads taking turns at every
+forward: a turn is one forward and generate's own work up to the next, and a generate's time is the sum of its turns
+(the plan's build and the prefill included). It measures what --in-process does, whole generates, but the modes go
+through the machine's slow and fast seconds together, as --steps's do: on these VMs the speed drifts by 10-25% over a
+generate's seconds, which spread --in-process's per-round ratios over ±10%.
 
 --steps N times single decode steps instead of whole generates: after one prefill per mode, each of N rounds runs one
 decode forward per mode (the KV cache cropped back after each, so every step attends to the same length), the mode
@@ -38,6 +45,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -147,6 +155,91 @@ def in_process(args: argparse.Namespace, modes: list[str], batches: list[int], a
     return times
 
 
+class _Turns:
+    """Threads that take turns: one runs at a time, in a fixed rotation, and each one's running time is summed."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.order, self.i, self.since = list(names), 0, 0.0
+        self.spent = dict.fromkeys(names, 0.0)
+        self.cond = threading.Condition()
+
+    def take(self, name: str) -> None:
+        """Wait for `name`'s turn, then start its clock."""
+        with self.cond:
+            self.cond.wait_for(lambda: self.order[self.i] == name)
+            self.since = time.perf_counter()
+
+    def give(self, name: str, done: bool = False) -> None:
+        """Stop `name`'s clock and hand the turn on (`done`: it leaves the rotation)."""
+        with self.cond:
+            self.spent[name] += time.perf_counter() - self.since
+            if done:
+                self.order.pop(self.i)
+            else:
+                self.i += 1
+            self.i = self.i % len(self.order) if self.order else 0
+            self.cond.notify_all()
+
+
+def lockstep(args: argparse.Namespace, modes: list[str], batches: list[int], adapter: str) -> dict:
+    """{(mode, batch): [seconds]}: each round runs one whole generate per mode, each in its own thread, the threads
+    taking turns forward by forward (a turn: one forward and generate's own work up to the next), so all modes'
+    generates advance together through the machine's speed of the moment; a generate's time is the sum of its turns,
+    the plan's build and the prefill included."""
+    import copy
+
+
+    base, tok = load(args)
+    models = {m: build(copy.deepcopy(base), m, adapter) for m in modes}
+    times: dict[tuple[str, int], list[float]] = {(m, b): [] for m in modes for b in batches}
+    for b in batches:
+        for m in modes:
+            timed_generate(models[m], tok, b, 8, warm_up=False, plan=m != "unplanned")  # warm-up
+    for r in range(args.rounds):
+        for b in batches:
+            order = modes[r % len(modes):] + modes[:r % len(modes)]
+            for m, seconds in _lockstep_round(args, models, tok, b, order).items():
+                times[(m, b)].append(seconds)
+    return times
+
+
+def _lockstep_round(args: argparse.Namespace, models: dict, tok, batch: int, order: list[str]) -> dict[str, float]:
+    """{mode: seconds} of one generate per mode, the modes' threads taking turns at every forward."""
+    import torch
+
+    turns = _Turns(order)
+    errors: list[BaseException] = []
+
+    def run(m: str) -> None:
+        torch.set_num_threads(args.threads)
+        turns.take(m)
+        try:
+            timed_generate(models[m], tok, batch, args.new_tokens, warm_up=False, plan=m != "unplanned")
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+        finally:
+            turns.give(m, done=True)
+
+    def switch(m: str) -> None:  # a forward pre-hook: returns None, so the forward's inputs stay as they are
+        turns.give(m)
+        turns.take(m)
+
+    hooks = [(models[m].get_base_model() if m == "peft" else models[m]).register_forward_pre_hook(
+        lambda *_, m=m: switch(m)) for m in order]
+    threads = [threading.Thread(target=run, args=(m,)) for m in order]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        for h in hooks:
+            h.remove()
+    if errors:
+        raise errors[0]
+    return turns.spent
+
+
 def interleaved_steps(args: argparse.Namespace, modes: list[str], batch: int, adapter: str) -> dict:
     """{mode: [seconds of each timed decode step]}: one prefill per mode, then `args.steps` rounds of one decode
     forward per mode (order rotating), each mode's KV cache cropped back to the prompt after its step."""
@@ -199,6 +292,8 @@ def main() -> None:
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--quick", action="store_true", help="8 new tokens, 1 round (a smoke test)")
     p.add_argument("--in-process", action="store_true", help="all modes in one process, alternating calls")
+    p.add_argument("--lockstep", action="store_true",
+                   help="all modes in one process, their generates taking turns forward by forward")
     p.add_argument("--steps", type=int, default=0, help="time N interleaved single decode steps per mode instead")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mode", default="base", help=argparse.SUPPRESS)
@@ -215,7 +310,9 @@ def main() -> None:
         make_adapter(args.model, adapter)
         if args.steps:
             return _print_steps(args, modes, batches, adapter)
-        if args.in_process:
+        if args.lockstep:
+            times = lockstep(args, modes, batches, adapter)
+        elif args.in_process:
             times = in_process(args, modes, batches, adapter)
         else:
             times = {(m, b): [] for m in modes for b in batches}
@@ -225,7 +322,8 @@ def main() -> None:
                         times[(m, b)].append(_run_worker(args, m, b, adapter)["seconds"])
     import torch
 
-    where = "alternating calls in one process" if args.in_process else "fresh processes"
+    where = ("generates taking turns forward by forward in one process" if args.lockstep
+             else "alternating calls in one process" if args.in_process else "fresh processes")
     print(f"greedy, {args.new_tokens} new tokens, {args.threads} threads, median of {args.rounds} rounds, {where}; "
           f"torch {torch.__version__}, model {args.model}")
     print(f"{'batch':>5}  " + "  ".join(f"{m:>18}" for m in modes))
