@@ -31,7 +31,7 @@ test: install
 bench: install
 	$(BIN)/python benchmarks/train_step.py --dropout 0.0
 	$(BIN)/python benchmarks/train_step.py --dropout 0.1
-	$(BIN)/python benchmarks/generate_speed.py
+	$(BIN)/python benchmarks/generate_speed.py --lockstep --rounds 5
 	$(BIN)/python benchmarks/decode_levers.py
 
 # The paper in miniature (docs/RESULTS.md, which gives each part's estimated time): the MiniLM experiments
