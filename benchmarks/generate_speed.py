@@ -137,16 +137,22 @@ def worker(args: argparse.Namespace) -> None:
     print(json.dumps({"tokens_per_s": args.batch * args.new_tokens / seconds, "seconds": seconds}))
 
 
-def in_process(args: argparse.Namespace, modes: list[str], batches: list[int], adapter: str) -> dict:
-    """Every mode's model in this process (copies of one loaded base); generate calls alternate by round."""
+def _warm_models(args: argparse.Namespace, modes: list[str], batches: list[int], adapter: str) -> tuple:
+    """(every mode's model in this process: copies of one loaded base, each warmed up by a short generate; the
+    tokenizer; {(mode, batch): []} for the times)."""
     import copy
 
     base, tok = load(args)
     models = {m: build(copy.deepcopy(base), m, adapter) for m in modes}
-    times: dict[tuple[str, int], list[float]] = {(m, b): [] for m in modes for b in batches}
     for b in batches:
         for m in modes:
-            timed_generate(models[m], tok, b, 8, warm_up=False, plan=m != "unplanned")  # warm-up
+            timed_generate(models[m], tok, b, 8, warm_up=False, plan=m != "unplanned")
+    return models, tok, {(m, b): [] for m in modes for b in batches}
+
+
+def in_process(args: argparse.Namespace, modes: list[str], batches: list[int], adapter: str) -> dict:
+    """Every mode's model in this process; generate calls alternate by round."""
+    models, tok, times = _warm_models(args, modes, batches, adapter)
     for r in range(args.rounds):
         for b in batches:
             for m in (modes if r % 2 == 0 else modes[::-1]):
@@ -186,15 +192,7 @@ def lockstep(args: argparse.Namespace, modes: list[str], batches: list[int], ada
     taking turns forward by forward (a turn: one forward and generate's own work up to the next), so all modes'
     generates advance together through the machine's speed of the moment; a generate's time is the sum of its turns,
     the plan's build and the prefill included."""
-    import copy
-
-
-    base, tok = load(args)
-    models = {m: build(copy.deepcopy(base), m, adapter) for m in modes}
-    times: dict[tuple[str, int], list[float]] = {(m, b): [] for m in modes for b in batches}
-    for b in batches:
-        for m in modes:
-            timed_generate(models[m], tok, b, 8, warm_up=False, plan=m != "unplanned")  # warm-up
+    models, tok, times = _warm_models(args, modes, batches, adapter)
     for r in range(args.rounds):
         for b in batches:
             order = modes[r % len(modes):] + modes[:r % len(modes)]
