@@ -37,22 +37,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .functional import spans
 from .layers import LoraLinear
 from .rows import current_rows
 from .shared_input import input_groups, set_on_layers, version
 
 
-def _spans(sizes: list[int]) -> list[tuple[int, int]]:
-    """[(start, end)] of consecutive blocks of these sizes."""
-    ends = [0]
-    for n in sizes:
-        ends.append(ends[-1] + n)
-    return list(zip(ends[:-1], ends[1:], strict=True))
-
-
 class _Group:
-    """The stacked factors of layers that read one input; `last` = (x, x's version, D or its members' column views) of
-    the latest first call."""
+    """The stacked factors of layers that read one input; `last` = (x, x's version, h (more rows) or D's column views
+    for each member (few rows)) of the latest first call, until the group's last layer has read it."""
 
     __slots__ = ("a_t", "b", "bias", "cols", "last", "local", "ranks", "shared")
 
@@ -69,8 +62,8 @@ class _Group:
         if any(m.base_layer.bias is not None for m in members):
             self.bias = torch.cat([m.base_layer.bias.detach() if m.base_layer.bias is not None
                                    else torch.zeros(m.out_features, dtype=w.dtype, device=w.device) for m in members])
-        self.cols = _spans([m.out_features for m in members])  # each member's columns of D
-        self.ranks = _spans([A.shape[0] for A in a])  # each member's columns of h = x·[A₁; …; Aₖ]ᵀ
+        self.cols = spans([m.out_features for m in members])  # each member's columns of D
+        self.ranks = spans([A.shape[0] for A in a])  # each member's columns of h = x·[A₁; …; Aₖ]ᵀ
         self.shared = len(members) > 1
         self.last: tuple[Tensor, int, object] | None = None
         self.local = threading.local()  # per thread: `bufs` for calls with few rows (see `new_buffers`)

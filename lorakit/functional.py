@@ -34,6 +34,14 @@ def fold_pays(rows: int, out_features: int, in_features: int) -> bool:
     return rows * (out_features + in_features) > out_features * in_features
 
 
+def spans(sizes: list[int]) -> list[tuple[int, int]]:
+    """[(start, end)] of consecutive blocks of these sizes: each member's rows or columns in stacked factors."""
+    ends = [0]
+    for n in sizes:
+        ends.append(ends[-1] + n)
+    return list(zip(ends[:-1], ends[1:], strict=True))
+
+
 def add_low_rank_(out: Tensor, h: Tensor, B: Tensor, scale: float = 1.0) -> Tensor:
     """out += s·h·Bᵀ in place, as one addmm over the rows (h: (..., r), B: (out, r)); returns `out` (contiguous)."""
     out.view(-1, out.shape[-1]).addmm_(h.view(-1, h.shape[-1]), B.t(), alpha=scale)
@@ -219,11 +227,9 @@ class _SharedInputLora(torch.autograd.Function):
         gB = xa.new_zeros(xa.shape) if any(g is None for g in gs) else torch.empty_like(xa)  # (Σr, N) = (g·B)ᵀ
         grad_x = gx = None
         grad_bs, grad_Bs = [None] * k, [None] * k
-        bounds = [0]
-        for A in As:
-            bounds.append(bounds[-1] + A.shape[0])
+        bounds = spans([A.shape[0] for A in As])  # each member's rows of xa and gB
         for i, (W, A, B, s, g) in enumerate(zip(Ws, As, Bs, scales, gs, strict=True)):
-            lo, hi = bounds[i], bounds[i + 1]  # member i's rows of xa and gB
+            lo, hi = bounds[i]
             if g is None:
                 continue
             g2 = g.reshape(-1, g.shape[-1])  # (N, out)
